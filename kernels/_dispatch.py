@@ -1,0 +1,44 @@
+"""Where a kernel call runs: compiled Triton, Triton's interpreter, or the PyTorch reference.
+
+    use_triton(t)   True  -> launch the Triton kernel on `t`
+                    False -> run the plain-PyTorch `*_ref` path
+
+- CUDA tensor and Triton importable               -> compiled Triton
+- CPU tensor and TRITON_INTERPRET=1 and Triton    -> Triton kernels in Triton's interpreter
+- anything else (CPU without the flag, no Triton) -> reference
+
+Everything is checked lazily, at call time: importing `kernels` never imports Triton, and the environment
+variable is read when a kernel is first needed. Triton decides interpreter-or-compiler when a function is
+decorated with `triton.jit`, so kernel files decorate their kernels on first use (see `kernels/attention.py`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["triton_available", "interpreting", "use_triton"]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Is the optional `triton` package installed? (Checked once, without importing it.)"""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Is TRITON_INTERPRET=1 set (so Triton kernels run on CPU tensors in the interpreter)?"""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Should a kernel whose inputs live where `t` lives run the Triton kernel (else the reference)?"""
+    if not triton_available():
+        return False
+    if t.device.type == "cuda":
+        return not interpreting()
+    if t.device.type == "cpu":
+        return interpreting()
+    return False

@@ -1,0 +1,621 @@
+"""Fused (flash-style) scaled-dot-product attention: Triton kernels, launchers, torch.library op, reference.
+
+Math
+----
+For q (B, H, T, D) and k, v (B, H_kv, S, D) with H % H_kv == 0 (MHA: H_kv = H, GQA: 1 < H_kv < H, MQA: H_kv = 1),
+query head h reads key/value head h // (H // H_kv). With s = scale * q k^T (default scale = 1/sqrt(D)):
+
+    o[i]   = sum_j softmax_j(s[i, j]) v[j]           over the keys j that row i attends
+    lse[i] = log sum_j exp(s[i, j])                   (saved for the backward; natural log, fp32)
+
+Causal masking is aligned bottom-right: query row i attends key j iff j <= i + (S - T). This covers training
+(T == S), decode with a KV cache (T = 1, S = past + 1: the new token sees everything) and chunked prefill (T < S).
+If T > S the first T - S rows attend nothing: their output is defined as 0 and their lse as -inf (no NaN anywhere,
+forward or backward).
+
+Forward (FlashAttention-2 schedule): one program per (BLOCK_M query rows, batch*head). The q tile stays in
+registers; the program streams BLOCK_N-row tiles of K and V, computing the scores tile, and keeps a running max m,
+running sum l and an unnormalised fp32 accumulator ("online softmax", in base 2: exp2 with scale*log2(e) folded into
+the scores). The T x S score matrix is never written to memory. Under causal masking, key tiles entirely above the
+diagonal are skipped (the loop stops at the last key the tile's last row can see).
+
+Backward (FlashAttention-2, no atomics):
+    delta[i] = sum_d o[i, d] * do[i, d]                                   (preprocess kernel)
+    p = exp(s - lse),  dv = p^T do,  dp = do v^T,  ds = p * (dp - delta),  dq = scale * ds k,  dk = scale * ds^T q
+  - dk/dv kernel: one program per (BLOCK_N keys, batch*kv_head). It loops over the H/H_kv query heads that share the
+    kv head and over their query tiles, so grouped heads' gradients are summed in registers and written once.
+  - dq kernel: one program per (BLOCK_M queries, batch*head), streaming K/V like the forward.
+  p is recomputed from the saved lse, so the backward also never stores T x S.
+
+FLOPs and bytes
+---------------
+Forward: 4*B*H*T*S*D FLOPs (two matmuls), halved for causal T == S. Backward: 2.5x the forward (five matmuls,
+one of them recomputing s). Memory traffic of the forward, in elements: read q once, K and V once per query tile
+(B*H*S*D*2 * ceil(T / BLOCK_M), served mostly from L2), write o once plus 4 bytes of lse per row. That is O(T*D)
+instead of O(T*S) for a materialising implementation. Decode (T = 1) is bound by reading the KV cache:
+2*B*H_kv*S*D*sizeof(dtype) bytes.
+
+Trade-offs
+----------
+- fp32 accumulation everywhere; p and ds are rounded to the input dtype before their matmuls (as FlashAttention
+  does), which is what the fp16/bf16 tolerance rule in tests/tolerances.py accounts for. fp32 inputs use IEEE fp32
+  dots (not TF32), trading Hopper tensor-core speed for the 1e-5 tolerance.
+- Head dims up to 128; a non-power-of-two D (80, 96, ...) is padded to the next power of two in registers with
+  masked loads/stores (wasting up to 37% of the dot FLOPs for D = 80). D > 128 or float64 fall back to the reference.
+- The backward recomputes p (one extra matmul) instead of storing it: O(T) memory for 25% more FLOPs.
+- dk/dv without atomics: a kv program re-reads q, do, lse, delta of every query tile (and of every head in its
+  group); dq recomputes p once more. The alternative (one pass with atomic dq adds) is faster on some shapes but not
+  deterministic.
+- Decode (T = 1) uses the same kernel with a mostly-masked query tile: correct, not the fastest (a split-K
+  "flash-decoding" kernel would spread S over more programs when B*H is small).
+- An explicit `attn_mask` is not fused: `attention(..., attn_mask=m)` runs `attention_ref` (materialises scores).
+
+Dispatch (see kernels/_dispatch.py): CUDA tensors run compiled, autotuned Triton; CPU tensors run `attention_ref`
+unless TRITON_INTERPRET=1, in which case the same Triton kernels run in Triton's interpreter with one fixed config.
+Triton is optional: the kernels are plain functions decorated with `triton.jit` on first use, so importing this
+module never decides interpreter-vs-compiler and works without Triton installed.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._dispatch import interpreting, use_triton
+
+__all__ = ["attention", "attention_ref", "attention_forward", "attention_backward"]
+
+try:  # Triton is optional: without it every path is the reference.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+    tl = None
+
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 128
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# One fixed launch config under the interpreter (tests read it to place block-boundary shapes).
+INTERPRET_BLOCK_M = 32
+INTERPRET_BLOCK_N = 32
+# Output allocator used by every launcher; tests replace it with a NaN-filling one ("poisoned outputs").
+_new_empty = torch.empty
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Triton kernels (plain functions here; decorated with triton.jit on first use, see _kernels()).
+# ---------------------------------------------------------------------------------------------------------------
+if tl is not None:
+
+    def _attn_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_ob, stride_oh, stride_ot, stride_od,
+        H, GROUP, T, S, qk_scale,
+        T_BUCKET, S_BUCKET,  # autotune keys only (powers of two), unused in the body
+        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
+        off_hk = off_h // GROUP
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < T
+        d_ok = offs_d < HEAD_DIM
+
+        # q tile (BLOCK_M, BLOCK_D), resident for the whole loop
+        q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh
+                    + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        k_base = k_ptr + off_b * stride_kb + off_hk * stride_kh
+        v_base = v_ptr + off_b * stride_vb + off_hk * stride_vh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        diag = S - T  # row i attends key j iff j <= i + diag (causal, bottom-right)
+        if CAUSAL:
+            hi = tl.minimum(S, start_m + BLOCK_M + diag)
+        else:
+            hi = S
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            n_ok = cols < S
+            # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_D)
+            kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                kT = kT.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet: avoid inf - inf
+            p = tl.math.exp2(qk - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+            m_i = m_new
+
+        l_ok = l_i > 0.0
+        l_div = tl.where(l_ok, l_i, 1.0)
+        o = acc / l_div[:, None]  # rows that attend nothing: acc = 0 -> o = 0
+        lse = tl.where(l_ok, (m_i + tl.math.log2(l_div)) * 0.6931471805599453, float("-inf"))
+        tl.store(o_ptr + off_b * stride_ob + off_h * stride_oh
+                 + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                 o.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + pid_bh * T + offs_m, lse, mask=m_ok)
+
+    def _attn_bwd_preprocess_kernel(
+        o_ptr, do_ptr, delta_ptr,
+        stride_ob, stride_oh, stride_ot, stride_od,
+        stride_dob, stride_doh, stride_dot, stride_dod,
+        H, T,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        # delta[b, h, i] = sum_d o * do   (fp32, (B, H, T))
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(o_ptr + off_b * stride_ob + off_h * stride_oh
+                    + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
+        do = tl.load(do_ptr + off_b * stride_dob + off_h * stride_doh
+                     + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_ptr + pid_bh * T + offs_m, delta, mask=offs_m < T)
+
+    def _attn_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_dob, stride_doh, stride_dot, stride_dod,
+        stride_dkb, stride_dkh, stride_dks, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+        H, H_KV, GROUP, T, S, scale, qk_scale,
+        T_BUCKET, S_BUCKET,
+        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
+        off_b = pid_bh // H_KV
+        off_hk = pid_bh % H_KV
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < S
+        d_ok = offs_d < HEAD_DIM
+        nd_mask = n_ok[:, None] & d_ok[None, :]
+
+        # K, V tiles (BLOCK_N, BLOCK_D), resident
+        k = tl.load(k_ptr + off_b * stride_kb + off_hk * stride_kh
+                    + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)
+        v = tl.load(v_ptr + off_b * stride_vb + off_hk * stride_vh
+                    + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        diag = S - T
+        if CAUSAL:
+            # first query row that sees key start_n is start_n - diag; start at its tile
+            lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+        else:
+            lo = 0
+        for g in range(0, GROUP):
+            off_h = off_hk * GROUP + g
+            q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
+            do_base = do_ptr + off_b * stride_dob + off_h * stride_doh
+            row_base = (off_b * H + off_h) * T
+            for start_m in range(lo, T, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                m_ok = offs_m < T
+                # q^T (BLOCK_D, BLOCK_M), do (BLOCK_M, BLOCK_D)
+                qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
+                             mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                if DOT_FP32:
+                    qT = qT.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+                delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+                # rows that attend nothing have lse = -inf; +inf makes their p exactly 0
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                qkT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+                keep = n_ok[:, None] & m_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
+                pT = tl.where(keep, tl.math.exp2(qkT - lse2[None, :]), 0.0)
+                dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+                dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+                dsT = pT * (dpT - delta[None, :])
+                dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+        dk = dk * scale
+        tl.store(dk_ptr + off_b * stride_dkb + off_hk * stride_dkh
+                 + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+                 dk.to(dk_ptr.dtype.element_ty), mask=nd_mask)
+        tl.store(dv_ptr + off_b * stride_dvb + off_hk * stride_dvh
+                 + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+                 dv.to(dv_ptr.dtype.element_ty), mask=nd_mask)
+
+    def _attn_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_dob, stride_doh, stride_dot, stride_dod,
+        stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+        H, GROUP, T, S, scale, qk_scale,
+        T_BUCKET, S_BUCKET,
+        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1).to(tl.int64)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
+        off_hk = off_h // GROUP
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < T
+        d_ok = offs_d < HEAD_DIM
+        md_mask = m_ok[:, None] & d_ok[None, :]
+
+        q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh
+                    + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
+        do = tl.load(do_ptr + off_b * stride_dob + off_h * stride_doh
+                     + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_ptr + pid_bh * T + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_ptr + pid_bh * T + offs_m, mask=m_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        k_base = k_ptr + off_b * stride_kb + off_hk * stride_kh
+        v_base = v_ptr + off_b * stride_vb + off_hk * stride_vh
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        diag = S - T
+        if CAUSAL:
+            hi = tl.minimum(S, start_m + BLOCK_M + diag)
+        else:
+            hi = S
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            n_ok = cols < S
+            # K^T, V^T tiles (BLOCK_D, BLOCK_N)
+            kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            vT = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            if DOT_FP32:
+                kT = kT.to(tl.float32)
+                vT = vT.to(tl.float32)
+            qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            keep = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(keep, tl.math.exp2(qk - lse2[:, None]), 0.0)
+            dp = tl.dot(do, vT, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+        dq = dq * scale
+        tl.store(dq_ptr + off_b * stride_dqb + off_h * stride_dqh
+                 + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+                 dq.to(dq_ptr.dtype.element_ty), mask=md_mask)
+
+
+def _configs(entries):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in entries]
+
+
+# Autotune lists for Hopper (BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4 stages). Kept short: every config is
+# compiled per (head dim, causal, dtype), and configs that do not fit shared memory are skipped by the autotuner.
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4)]
+_BWD_DKDV_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 32, 4, 4)]
+_BWD_DQ_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 128, 8, 2)]
+_AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_FP32", "PRECISION"]
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """Decorate the kernels (once per mode). `interpret` is `interpreting()` at the call: Triton reads
+    TRITON_INTERPRET when `triton.jit` runs, so this happens lazily, never at import."""
+    jit = triton.jit
+    fwd = jit(_attn_fwd_kernel)
+    dkdv = jit(_attn_bwd_dkdv_kernel)
+    dq = jit(_attn_bwd_dq_kernel)
+    pre = jit(_attn_bwd_preprocess_kernel)
+    if not interpret:
+        fwd = triton.autotune(_configs(_FWD_CONFIGS), key=_AUTOTUNE_KEY)(fwd)
+        dkdv = triton.autotune(_configs(_BWD_DKDV_CONFIGS), key=_AUTOTUNE_KEY)(dkdv)
+        dq = triton.autotune(_configs(_BWD_DQ_CONFIGS), key=_AUTOTUNE_KEY)(dq)
+    return fwd, dkdv, dq, pre
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Launchers: tensors in, tensors out, no autograd.
+# ---------------------------------------------------------------------------------------------------------------
+def _launch_params(q: Tensor, T: int, S: int):
+    interpret = interpreting()
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    dot_fp32 = interpret and q.dtype == torch.bfloat16  # interpreter bf16 tl.dot returns garbage
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16/bf16 operands
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_FP32=dot_fp32, PRECISION=precision)
+    if interpret:
+        common.update(BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=INTERPRET_BLOCK_N)
+    buckets = (triton.next_power_of_2(max(T, 1)), triton.next_power_of_2(max(S, 1)))
+    return interpret, common, buckets
+
+
+def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor):
+    if triton is None:
+        raise RuntimeError("triton is not installed (pip install triton, or use CPU tensors for the reference)")
+    if q.dtype not in _TRITON_DTYPES or q.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f"Triton attention supports fp16/bf16/fp32 and head dim <= {_MAX_HEAD_DIM}, "
+                         f"got {q.dtype} and D={q.shape[-1]}")
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Triton forward. q (B, H, T, D), k/v (B, H_kv, S, D) -> o (B, H, T, D) in q.dtype, lse (B, H, T) fp32."""
+    _check_triton_inputs(q, k, v)
+    B, H, T, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    o = _new_empty((B, H, T, D), dtype=q.dtype, device=q.device)  # (B, H, T, D)
+    lse = _new_empty((B, H, T), dtype=torch.float32, device=q.device)  # (B, H, T)
+    if o.numel() == 0:
+        return o, lse
+    interpret, common, (t_bucket, s_bucket) = _launch_params(q, T, S)
+    fwd, _, _, _ = _kernels(interpret)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    fwd[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, H // H_kv, T, S, scale * _LOG2E, t_bucket, s_bucket,
+        CAUSAL=causal, **common,
+    )
+    return o, lse
+
+
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                       causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton backward: (dq, dk, dv) shaped like (q, k, v); grouped heads' dk/dv summed over their group."""
+    _check_triton_inputs(q, k, v)
+    B, H, T, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    lse = lse.contiguous()
+    dq = _new_empty(q.shape, dtype=q.dtype, device=q.device)  # (B, H, T, D)
+    dk = _new_empty(k.shape, dtype=k.dtype, device=k.device)  # (B, H_kv, S, D)
+    dv = _new_empty(v.shape, dtype=v.dtype, device=v.device)  # (B, H_kv, S, D)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    interpret, common, (t_bucket, s_bucket) = _launch_params(q, T, S)
+    _, dkdv_kernel, dq_kernel, pre = _kernels(interpret)
+    delta = _new_empty((B, H, T), dtype=torch.float32, device=q.device)  # (B, H, T)
+    pre_block = 64
+    pre[(triton.cdiv(T, pre_block), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, T,
+        HEAD_DIM=D, BLOCK_D=common["BLOCK_D"], BLOCK_M=pre_block,
+    )
+    dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H_kv)](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, H_kv, H // H_kv, T, S, scale, scale * _LOG2E, t_bucket, s_bucket,
+        CAUSAL=causal, **common,
+    )
+    dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, H // H_kv, T, S, scale, scale * _LOG2E, t_bucket, s_bucket,
+        CAUSAL=causal, **common,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference pieces used by the op on CPU (and as the ground truth in tests).
+# ---------------------------------------------------------------------------------------------------------------
+def _keep_mask(T: int, S: int, causal: bool, attn_mask: Optional[Tensor], device) -> Optional[Tensor]:
+    """Bool mask broadcastable to (B, H, T, S), True = attend; None = attend everything."""
+    keep = None
+    if causal:
+        i = torch.arange(T, device=device)[:, None]
+        j = torch.arange(S, device=device)[None, :]
+        keep = j <= i + (S - T)  # (T, S), bottom-right aligned
+    if attn_mask is not None:
+        keep = attn_mask if keep is None else (attn_mask & keep)
+    return keep
+
+
+def _expand_kv(x: Tensor, H: int) -> Tensor:
+    # (B, H_kv, S, D) -> (B, H, S, D)
+    return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
+
+
+def _scores(q: Tensor, k: Tensor, causal: bool, scale: float, attn_mask: Optional[Tensor]):
+    """Masked scores (B, H, T, S) in q's dtype (already upcast by the caller) and the keep mask."""
+    T, S = q.shape[2], k.shape[2]
+    s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-2, -1)) * scale  # (B, H, T, S)
+    keep = _keep_mask(T, S, causal, attn_mask, q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return s, keep
+
+
+def _safe_softmax(s: Tensor):
+    """softmax over the last dim with all -inf rows -> 0 (not NaN); also returns lse (-inf for those rows)."""
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    l = e.sum(dim=-1, keepdim=True)  # noqa: E741
+    p = e / torch.where(l == 0, torch.ones_like(l), l)
+    lse = (torch.log(l) + m).squeeze(-1)  # log(0) = -inf for rows that attend nothing
+    return p, lse
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # fp16/bf16 -> fp32; fp32 and fp64 stay
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+                  attn_mask: Optional[Tensor] = None) -> Tensor:
+    """Plain-PyTorch attention with the same semantics as `attention` (differentiable, exportable).
+
+    Materialises the (B, H, T, S) scores; computes in fp32 for fp16/bf16 inputs (float64 stays float64) and returns
+    the input dtype. attn_mask: optional bool tensor broadcastable to (B, H, T, S), True = attend; combined with the
+    causal mask. Rows that attend nothing give 0.
+    """
+    _check_shapes(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ct = _compute_dtype(q.dtype)
+    s, _ = _scores(q.to(ct), k.to(ct), causal, scale, attn_mask)
+    p, _ = _safe_softmax(s)
+    o = torch.matmul(p, _expand_kv(v.to(ct), q.shape[1]))  # (B, H, T, D)
+    return o.to(q.dtype)
+
+
+def _attention_fwd_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    ct = _compute_dtype(q.dtype)
+    s, _ = _scores(q.to(ct), k.to(ct), causal, scale, None)
+    p, lse = _safe_softmax(s)
+    o = torch.matmul(p, _expand_kv(v.to(ct), q.shape[1]))
+    return o.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def _attention_bwd_ref(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                       causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward formulas of the kernels, in plain PyTorch (p recomputed from lse)."""
+    B, H, T, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    ct = _compute_dtype(q.dtype)
+    qf, kf, vf, dof = q.to(ct), k.to(ct), v.to(ct), do.to(ct)
+    s, keep = _scores(qf, kf, causal, scale, None)
+    lse = lse.to(ct)[..., None]
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))
+    if keep is not None:
+        p = torch.where(keep, p, torch.zeros_like(p))  # (B, H, T, S)
+    delta = (o.to(ct) * dof).sum(-1, keepdim=True)  # (B, H, T, 1)
+    dp = torch.matmul(dof, _expand_kv(vf, H).transpose(-2, -1))
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, _expand_kv(kf, H)) * scale
+    G = H // H_kv
+    dk = (torch.matmul(ds.transpose(-2, -1), qf) * scale).view(B, H_kv, G, S, D).sum(2)
+    dv = torch.matmul(p.transpose(-2, -1), dof).view(B, H_kv, G, S, D).sum(2)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. torch.library ops (traceable by torch.compile / torch.export; exported to ONNX via kernels/onnx.py)
+# ---------------------------------------------------------------------------------------------------------------
+def _runs_triton(q: Tensor) -> bool:
+    return use_triton(q) and q.dtype in _TRITON_DTYPES and q.shape[-1] <= _MAX_HEAD_DIM
+
+
+@torch.library.custom_op("hotpath::attention_fwd", mutates_args=())
+def attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(o (B, H, T, D) in q.dtype, lse (B, H, T) fp32)."""
+    if _runs_triton(q):
+        return attention_forward(q, k, v, causal, scale)
+    return _attention_fwd_ref(q, k, v, causal, scale)
+
+
+@attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, causal, scale):
+    B, H, T, D = q.shape
+    return q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("hotpath::attention_bwd", mutates_args=())
+def attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                     causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    if _runs_triton(q):
+        return attention_backward(do, q, k, v, o, lse, causal, scale)
+    return _attention_bwd_ref(do, q, k, v, o, lse, causal, scale)
+
+
+@attention_bwd_op.register_fake
+def _attention_bwd_fake(do, q, k, v, o, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward_autograd(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+attention_fwd_op.register_autograd(_attention_backward_autograd, setup_context=_attention_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Public functional API
+# ---------------------------------------------------------------------------------------------------------------
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected q (B, H, T, D), k/v (B, H_kv, S, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k and v must be (B={B}, H_kv, S, D={D}); got {tuple(k.shape)} and {tuple(v.shape)}")
+    H_kv = k.shape[1]
+    if H_kv == 0 or H % H_kv != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({H_kv})")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must share dtype and device")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+              attn_mask: Optional[Tensor] = None) -> Tensor:
+    """Fused attention. q (B, H, T, D), k/v (B, H_kv, S, D), H % H_kv == 0 -> (B, H, T, D) in q's dtype.
+
+    causal: bottom-right aligned (query i attends key j iff j <= i + S - T; rows attending nothing give 0).
+    scale: defaults to 1/sqrt(D). attn_mask: optional bool (B or 1, 1, T, S), True = attend; when given, the
+    plain-PyTorch reference runs (masks are not fused). Differentiable in q, k, v.
+
+    Matches the model's `attn_fn(q, k, v, *, causal, attn_mask, scale)` hook signature.
+    """
+    _check_shapes(q, k, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        return attention_ref(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask)
+    o, _ = attention_fwd_op(q, k, v, bool(causal), float(scale))
+    return o
