@@ -1,0 +1,268 @@
+"""kernels.attention: the Triton kernels (in Triton's interpreter on CPU, compiled on CUDA) against float64.
+
+Every case: fresh random inputs, outputs poisoned with NaN before the launch, forward and dq, dk, dv compared with
+a float64 reference under the rules of tests/tolerances.py. Shapes are placed around the interpreter's fixed
+block (INTERPRET_BLOCK_M x INTERPRET_BLOCK_N = 32 x 32): 1, block - 1, block, block + 1, odd lengths, T < S
+(decode, chunked prefill), T > S (causal rows that attend nothing), MHA / GQA / MQA.
+"""
+import importlib
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import _dispatch
+from tests.tolerances import assert_close_fp32, assert_half_within_torch_error
+
+A = importlib.import_module("kernels.attention")  # the module (`kernels.attention` is the function)
+BM, BN = A.INTERPRET_BLOCK_M, A.INTERPRET_BLOCK_N
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RUNS_TRITON = _dispatch.use_triton(torch.empty(0, device=DEVICE))
+needs_triton = pytest.mark.skipif(not RUNS_TRITON, reason="Triton kernels need CUDA or TRITON_INTERPRET=1 + triton")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an element the kernels never write fails the test."""
+    monkeypatch.setattr(A, "_new_empty", lambda size, **kw: torch.full(tuple(size), float("nan"), **kw))
+
+
+def _inputs(B, H, H_kv, T, S, D, dtype, *, seed_key):
+    g = torch.Generator().manual_seed(zlib.crc32(repr(seed_key).encode()))
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype)  # noqa: E731
+    return mk(B, H, T, D), mk(B, H_kv, S, D), mk(B, H_kv, S, D), mk(B, H, T, D)  # q, k, v, do
+
+
+def _fwd_bwd(fn, q, k, v, do):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v)
+    o.backward(do)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def _torch_in_dtype(q, k, v, causal, scale):
+    """Naive attention computed by PyTorch in the inputs' own dtype: the baseline error of the half rule."""
+    s, _ = A._scores(q, k, causal, scale, None)
+    p, _ = A._safe_softmax(s)
+    return torch.matmul(p, A._expand_kv(v, q.shape[1]))
+
+
+def check(B, H, H_kv, T, S, D, causal, dtype=torch.float32, *, transpose_inputs=False):
+    key = (B, H, H_kv, T, S, D, causal, str(dtype))
+    q, k, v, do = _inputs(B, H, H_kv, T, S, D, dtype, seed_key=key)
+    if transpose_inputs:  # the model's layout: (B, T, H, D) storage viewed as (B, H, T, D)
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+        assert not q.is_contiguous()
+    scale = D ** -0.5
+    got = _fwd_bwd(lambda q, k, v: kernels.attention(q, k, v, causal=causal), q, k, v, do)
+    ref = _fwd_bwd(lambda q, k, v: A.attention_ref(q, k, v, causal=causal, scale=scale),
+                   *(x.double() for x in (q, k, v, do)))
+    names = ("o", "dq", "dk", "dv")
+    for name, a in zip(names, got):
+        assert a.dtype == dtype and torch.isfinite(a).all(), f"{name}: non-finite or wrong dtype in {key}"
+    if dtype == torch.float32:
+        for name, a, r in zip(names, got, ref):
+            try:
+                assert_close_fp32(a, r)
+            except AssertionError as e:
+                raise AssertionError(f"{name} {key}: {e}") from None
+    else:
+        base = _fwd_bwd(lambda q, k, v: _torch_in_dtype(q, k, v, causal, scale), q, k, v, do)
+        for name, a, b, r in zip(names, got, base, ref):
+            try:
+                assert_half_within_torch_error(a, b, r, dtype)
+            except AssertionError as e:
+                raise AssertionError(f"{name} {key}: {e}") from None
+    return got
+
+
+# (B, H, H_kv, T, S, D): block boundaries -1/0/+1 on both axes, odd sizes, T < S, T > S, MHA/GQA/MQA
+SHAPES = [
+    (1, 1, 1, 1, 1, 16),                 # smallest
+    (2, 4, 1, 1, BN + 1, 32),            # decode, MQA: T = 1, S = past + 1
+    (1, 2, 2, BM - 1, BN - 1, 64),       # block - 1
+    (1, 2, 2, BM, BN, 64),               # exactly one block
+    (1, 2, 2, BM + 1, BN + 1, 64),       # block + 1
+    (2, 4, 2, 37, 37, 32),               # GQA, odd
+    (1, 4, 2, 17, 2 * BN + 1, 64),       # chunked prefill T < S
+    (1, 2, 1, BM + 7, 19, 64),           # T > S: under causal the first 20 rows attend nothing
+    (1, 1, 1, 2 * BM + 1, 3 * BN - 1, 32),  # several blocks, both boundaries off by one
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Hkv{}T{}S{}D{}".format(*s))
+def test_fp32_forward_backward(shape, causal):
+    check(*shape, causal)
+
+
+@needs_triton
+@pytest.mark.parametrize("D", [16, 32, 64, 80, 96, 128])
+def test_head_dims(D):
+    check(1, 2, 1, 20, 45, D, causal=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4], SHAPES[6], SHAPES[7], (1, 2, 1, 9, 21, 96)],
+                         ids=lambda s: "B{}H{}Hkv{}T{}S{}D{}".format(*s))
+def test_fp16(shape, causal):
+    check(*shape, causal, dtype=torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], SHAPES[7]], ids=lambda s: "B{}H{}Hkv{}T{}S{}D{}".format(*s))
+def test_bf16(shape):
+    check(*shape, causal=True, dtype=torch.bfloat16)
+
+
+@needs_triton
+def test_non_contiguous_inputs():
+    check(2, 4, 2, 19, 23, 32, causal=True, transpose_inputs=True)
+
+
+@needs_triton
+def test_rows_attending_nothing_give_zero_and_minus_inf_lse():
+    T, S = 25, 9  # causal: rows 0..15 see no key
+    q, k, v, _ = _inputs(1, 2, 1, T, S, 32, torch.float32, seed_key="empty-rows")
+    o, lse = A.attention_forward(q, k, v, True, 32 ** -0.5)
+    assert (o[:, :, : T - S] == 0).all() and torch.isfinite(o).all()
+    assert (lse[:, :, : T - S] == float("-inf")).all() and torch.isfinite(lse[:, :, T - S:]).all()
+    ref_o, ref_lse = A._attention_fwd_ref(q.double(), k.double(), v.double(), True, 32 ** -0.5)
+    assert_close_fp32(o, ref_o)
+    assert_close_fp32(lse[:, :, T - S:], ref_lse[:, :, T - S:])
+
+
+@needs_triton
+def test_custom_scale_and_default():
+    q, k, v, _ = _inputs(1, 2, 2, 7, 11, 16, torch.float32, seed_key="scale")
+    assert_close_fp32(kernels.attention(q, k, v, causal=False, scale=0.3),
+                      A.attention_ref(q.double(), k.double(), v.double(), causal=False, scale=0.3))
+    assert_close_fp32(kernels.attention(q, k, v), A.attention_ref(q.double(), k.double(), v.double(), causal=True,
+                                                                  scale=16 ** -0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reference path, dispatch, masks
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_matches_sdpa(causal):
+    q, k, v, _ = _inputs(2, 4, 4, 13, 13, 16, torch.float64, seed_key=("sdpa", causal))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(A.attention_ref(q, k, v, causal=causal), want)
+
+
+def test_reference_path_without_interpreter(monkeypatch):
+    """CPU tensors with TRITON_INTERPRET unset (or no triton) run attention_ref; its lse-based backward is exact."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not _dispatch.use_triton(torch.empty(0))
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
+    for T, S in [(5, 12), (12, 5), (1, 1)]:
+        check(2, 4, 2, T, S, 24, causal=True)  # D=24: the reference takes any head dim
+    check(1, 2, 1, 6, 6, 8, causal=False)
+
+
+def test_use_triton_rules(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _dispatch.interpreting()
+    assert _dispatch.use_triton(torch.empty(0)) == _dispatch.triton_available()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not _dispatch.interpreting() and not _dispatch.use_triton(torch.empty(0))
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _dispatch.use_triton(torch.empty(0))
+
+
+def test_attn_mask_runs_reference():
+    q, k, v, _ = _inputs(2, 2, 1, 6, 9, 16, torch.float32, seed_key="mask")
+    mask = torch.rand(2, 1, 6, 9, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[0, 0, 2] = False  # a row that attends nothing -> 0
+    o = kernels.attention(q, k, v, causal=True, attn_mask=mask, scale=0.25)
+    keep = mask & A._keep_mask(6, 9, True, None, "cpu")
+    want = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
+                                          v.double().repeat_interleave(2, 1), attn_mask=keep, scale=0.25)
+    rows = keep.any(-1, keepdim=True).expand_as(o)
+    assert_close_fp32(o[rows], want[rows])
+    assert (o[~rows] == 0).all()
+
+
+def test_bad_shapes_raise():
+    q = torch.randn(1, 3, 4, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        kernels.attention(q, torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+    with pytest.raises(ValueError):
+        kernels.attention(q, torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile, torch.export, ONNX
+# ---------------------------------------------------------------------------------------------------------------
+class _Attn(torch.nn.Module):
+    def __init__(self, causal=True):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        return kernels.attention(q, k, v, causal=self.causal)
+
+
+def test_torch_compile_forward_backward():
+    torch._dynamo.reset()
+    q, k, v, do = _inputs(1, 4, 2, 9, 14, 16, torch.float32, seed_key="compile")
+    compiled = torch.compile(_Attn(), backend="aot_eager", fullgraph=True)
+    got = _fwd_bwd(compiled, q, k, v, do)
+    want = _fwd_bwd(_Attn(), q, k, v, do)
+    for a, b in zip(got, want):
+        assert_close_fp32(a, b)
+
+
+def test_torch_export_keeps_the_op():
+    q, k, v, _ = _inputs(1, 4, 2, 5, 8, 16, torch.float32, seed_key="export")
+    ep = torch.export.export(_Attn(), (q, k, v))
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert torch.ops.hotpath.attention_fwd.default in targets
+    assert_close_fp32(ep.module()(q, k, v), _Attn()(q, k, v))
+
+
+def test_translation_table_covers_attention():
+    table = kernels.onnx_translation_table()
+    assert torch.ops.hotpath.attention_fwd.default in table
+    assert all(callable(fn) for fn in table.values())
+
+
+def _export_onnx(module, args, tmp_path, dynamic_shapes=None):
+    import onnxruntime as ort
+
+    prog = torch.onnx.export(module, args, dynamo=True, custom_translation_table=kernels.onnx_translation_table(),
+                             dynamic_shapes=dynamic_shapes, verbose=False)
+    path = tmp_path / "attn.onnx"
+    prog.save(str(path))
+    assert not any(n.domain.startswith("hotpath") for n in prog.model_proto.graph.node)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_onnx_export_dynamic_shapes(tmp_path, causal):
+    """GQA, dynamic B, T and S; ORT run on T == S, decode, chunked prefill and T > S."""
+    q, k, v, _ = _inputs(2, 4, 2, 5, 9, 16, torch.float32, seed_key="onnx")
+    B, T, S = (torch.export.Dim(n, min=1, max=256) for n in "BTS")
+    sess = _export_onnx(_Attn(causal).eval(), (q, k, v), tmp_path,
+                        dynamic_shapes={"q": {0: B, 2: T}, "k": {0: B, 2: S}, "v": {0: B, 2: S}})
+    for b, t, s in [(2, 5, 9), (1, 16, 16), (3, 1, 33), (1, 11, 4)]:
+        q, k, v, _ = _inputs(b, 4, 2, t, s, 16, torch.float32, seed_key=("onnx", t, s))
+        (out,) = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
+        assert_close_fp32(torch.from_numpy(out),
+                          A.attention_ref(q.double(), k.double(), v.double(), causal=causal))
+
+
+def test_onnx_export_fp16(tmp_path):
+    q, k, v, _ = _inputs(1, 2, 1, 6, 10, 32, torch.float16, seed_key="onnx16")
+    sess = _export_onnx(_Attn(True).eval(), (q, k, v), tmp_path)
+    (out,) = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
+    assert out.dtype.name == "float16"
+    ref = A.attention_ref(*(x.double() for x in (q, k, v)), causal=True)
+    assert_half_within_torch_error(torch.from_numpy(out), _torch_in_dtype(q, k, v, True, 32 ** -0.5), ref,
+                                   torch.float16)
