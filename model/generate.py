@@ -1,0 +1,96 @@
+"""Generate text with the KV cache: `python -m model.generate ckpt.pt --prompt "def " --max-new-tokens 64`."""
+from __future__ import annotations
+
+import sys
+from typing import Iterator, Optional
+
+import torch
+
+from . import cli
+from .checkpoint import load_checkpoint
+from .gpt import GPT
+from .sampling import sample_next
+
+
+@torch.no_grad()
+def stream_tokens(
+    model: GPT,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    eos_id: Optional[int] = None,
+) -> Iterator[int]:
+    """Yield new token ids one by one: one prefill over the prompt, then one cached decode step per token."""
+    ctx = model.config.block_size
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) > ctx:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx}")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids) + 1)
+    ids = torch.tensor([prompt_ids], device=device)
+    logits, past = model(ids, use_cache=True)
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token = int(nxt.item())
+        yield token
+        if token == eos_id or i + 1 == max_new_tokens:
+            return
+        logits, past = model(nxt.view(1, 1), past_key_values=past, use_cache=True)
+
+
+def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    return list(stream_tokens(model, prompt_ids, max_new_tokens, **kwargs))
+
+
+def build_parser():
+    p = cli.parser("python -m model.generate", "Generate text from a hotpath checkpoint with the KV cache.")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise cli.UserError("--max-new-tokens must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise cli.UserError(f"--top-p {args.top_p} is outside (0, 1]")
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device)
+    prompt_ids = tokenizer.encode(args.prompt).ids
+    ctx = model.config.block_size
+    if not prompt_ids:
+        raise cli.UserError("the prompt is empty (pass --prompt TEXT)")
+    if len(prompt_ids) > ctx:
+        raise cli.UserError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx} (shorten it)")
+    if len(prompt_ids) + args.max_new_tokens > ctx + 1:
+        print(f"note: stopping at the context of {ctx} tokens", file=sys.stderr)
+    sys.stdout.write(args.prompt)
+    out: list[int] = []
+    printed = ""
+    for token in stream_tokens(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                               eos_id=tokenizer.token_to_id("<|endoftext|>")):
+        out.append(token)
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

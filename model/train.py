@@ -1,0 +1,260 @@
+"""Train the reference GPT: `python -m model.train --preset small --steps 600 --out runs/small/ckpt.pt`.
+
+AdamW (torch's or hotpath's FusedAdamW), linear warmup then cosine decay, gradient clipping and accumulation,
+bf16 autocast on GPU, periodic validation, resume, and data parallelism under `torchrun` (gloo on CPU, NCCL on
+GPU). This is the one place in `model/` that composes the model with `kernels/` (`--kernels`, `--optimizer fused`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import cli
+from .checkpoint import _unwrap, load_checkpoint, read_checkpoint, save_checkpoint
+from .corpus import EmptyCorpusError, build_corpus
+from .data import TokenData, evaluate_loss, random_batch, unigram_perplexity
+from .gpt import GPT, GPTConfig
+from .tokenizer import train_tokenizer
+
+VERSION = "0.1.0"
+
+
+def build_parser():
+    p = cli.parser("python -m model.train", "Train the reference GPT on the built-in corpus or your text files.")
+    p.add_argument("--preset", default="small", choices=sorted(GPTConfig.PRESETS))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set n_layer=2 --set pos=rope")
+    p.add_argument("--out", default="runs/small/ckpt.pt", help="checkpoint to write (.pt, or .safetensors)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps in total (a resumed run continues to it)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step and save, keeping the --steps schedule (resume later with --resume)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (per process)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--block-size", type=int, default=None, help="training sequence length (default: the context)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr", type=float, default=None, help="floor of the cosine decay (default lr/10)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--optimizer", choices=["adamw", "fused"], default="adamw",
+                   help="torch.optim.AdamW, or kernels.FusedAdamW (Triton)")
+    p.add_argument("--kernels", action="store_true", help="run attention on hotpath's Triton kernels (kernels.patch)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
+    p.add_argument("--corpus", nargs="*", default=None, help="text files or folders (default: the stdlib source)")
+    p.add_argument("--corpus-bytes", type=int, default=8_000_000, help="how much corpus text to read")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--resume", default=None, help="checkpoint to continue from (weights, optimizer, step)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend)
+    d = Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    fields = GPTConfig.__dataclass_fields__
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in fields:
+            raise cli.UserError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        default = fields[key].default
+        if isinstance(default, bool):
+            out[key] = raw.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            out[key] = type(default)(raw)
+        elif default is None:
+            out[key] = int(raw) if raw.isdigit() else raw
+        else:
+            out[key] = raw
+    return out
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    """Weight decay on matrices only (not on norms, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if args.optimizer == "fused":
+        from kernels import FusedAdamW
+
+        return FusedAdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "vocab_size"):
+        if getattr(args, name) < 1:
+            raise cli.UserError(f"--{name.replace('_', '-')} must be at least 1")
+    ddp = setup_distributed(args.device)
+    torch.manual_seed(args.seed + ddp.rank)
+    device = torch.device(args.device if not args.device.startswith("cuda") or ddp.world == 1
+                          else f"cuda:{ddp.local_rank}")
+
+    resume = read_checkpoint(args.resume) if args.resume else None
+    try:
+        corpus = build_corpus(args.corpus, max_bytes=args.corpus_bytes)
+    except (EmptyCorpusError, FileNotFoundError) as e:
+        raise cli.UserError(f"{e} (pass text files with --corpus, or leave it out for the built-in corpus)") from e
+    if resume:
+        model, tokenizer, meta = load_checkpoint(args.resume)
+        cfg = model.config
+    else:
+        tokenizer = train_tokenizer(corpus.train, args.vocab_size)
+        try:
+            cfg = GPTConfig.preset(args.preset, vocab_size=tokenizer.get_vocab_size(), **parse_overrides(args.set))
+        except (ValueError, TypeError) as e:
+            raise cli.UserError(f"invalid model config: {e}") from e
+        model = GPT(cfg)
+        meta = {}
+    data = TokenData.encode(corpus, tokenizer)
+    block = args.block_size or cfg.block_size
+    if block > cfg.block_size:
+        raise cli.UserError(f"--block-size {block} exceeds the model context {cfg.block_size}")
+    if len(data.train) <= block + 1 or len(data.val) <= block + 1:
+        raise cli.UserError(f"the corpus is too small: {len(data.train)} train / {len(data.val)} validation tokens "
+                            f"for windows of {block} (add text or lower --block-size)")
+
+    model.to(device).train()
+    if args.kernels:
+        import kernels
+
+        kernels.patch(model)
+    optimizer = make_optimizer(model, args)
+    start_step = 0
+    gen = torch.Generator().manual_seed(args.seed + 1000 * ddp.rank)
+    if resume:
+        if "optimizer" in resume:
+            optimizer.load_state_dict(resume["optimizer"])
+        start_step = int(meta.get("step", 0))
+        if "data_rng" in resume and ddp.world == 1:
+            gen.set_state(resume["data_rng"])
+    net = model
+    if ddp.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    tokens_per_step = args.batch_size * block * args.grad_accum * ddp.world
+    unigram = unigram_perplexity(data.train, data.val, cfg.vocab_size)
+    if ddp.main and not args.quiet:
+        print(f"model: {args.preset} {cfg.n_layer}L {cfg.n_embd}d, {model.num_params() / 1e6:.2f}M params; "
+              f"{len(data.train):,} train / {len(data.val):,} val tokens; {ddp.world} process(es) on {device}; "
+              f"unigram val ppl {unigram:.1f}")
+
+    def evaluate() -> float:
+        with autocast:
+            return evaluate_loss(model, data.val, block, max_windows=args.eval_windows, device=device)
+
+    val_loss = float(meta.get("val_loss", float("nan")))
+    stop = min(args.stop_at or args.steps, args.steps)
+    bar = tqdm(range(start_step, stop), initial=start_step, total=args.steps, disable=not ddp.main or args.quiet,
+               unit="step", dynamic_ncols=True)
+    t0, losses = time.perf_counter(), []
+    for step in bar:
+        lr = lr_at(step, args.steps, warmup, args.lr, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(args.grad_accum):
+            x, y = random_batch(data.train, args.batch_size, block, gen)
+            x, y = x.to(device), y.to(device)
+            sync = contextlib.nullcontext() if (ddp.world == 1 or micro == args.grad_accum - 1) else net.no_sync()
+            with sync, autocast:
+                logits = net(x)
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.item() / args.grad_accum
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}",
+                        tok_s=f"{tokens_per_step * (step + 1 - start_step) / elapsed:,.0f}")
+        last = step + 1 == stop
+        if (step + 1) % args.eval_every == 0 or last:
+            if ddp.main:
+                val_loss = evaluate()
+                bar.write(f"step {step + 1}: train loss {loss_sum:.3f}, val loss {val_loss:.3f}, "
+                          f"val ppl {math.exp(val_loss):.1f}")
+            if ddp.world > 1:
+                dist.barrier()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    steps_run = stop - start_step
+    if ddp.main:
+        if args.kernels:
+            import kernels
+
+            kernels.unpatch(model)
+        meta = {
+            "hotpath_version": VERSION,
+            "step": stop,
+            "tokens_seen": int(meta.get("tokens_seen", 0)) + tokens_per_step * steps_run,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(val_loss) if val_loss == val_loss else None,
+            "unigram_val_ppl": unigram,
+            "train_tokens_per_s": tokens_per_step * steps_run / elapsed if steps_run else None,
+            "losses_tail": losses[-10:],
+            "args": {k: v for k, v in vars(args).items() if k not in ("debug",)},
+            "world_size": ddp.world,
+        }
+        extra = {"optimizer": optimizer.state_dict(), "data_rng": gen.get_state()}
+        out = save_checkpoint(args.out, _unwrap(model), tokenizer, meta,
+                              extra=None if str(args.out).endswith(".safetensors") else extra)
+        if not args.quiet:
+            ppl = f"{meta['val_ppl']:.2f}" if meta["val_ppl"] else "n/a"
+            print(f"saved {out}: step {stop}, val ppl {ppl} (unigram {unigram:.1f}), "
+                  f"{meta['train_tokens_per_s'] or 0:,.0f} train tokens/s")
+    if ddp.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
