@@ -45,6 +45,8 @@ __all__ = ["softmax", "softmax_ref", "softmax_backward_ref", "softmax_forward", 
 _MAX_BLOCK = 32768  # rows up to this length run in one block (one read); longer rows use the online path
 _ONLINE_BLOCK = 4096  # block of the online (multi-block) path
 _LOG2E = 1.4426950408889634
+# Output allocator used by the launchers; tests replace it with a NaN-filling one ("poisoned outputs").
+_new_empty = torch.empty
 
 
 try:  # Triton is optional: without it every path is the reference.
@@ -188,7 +190,7 @@ def softmax_forward(x: torch.Tensor, scale: float = 1.0, causal: bool = False) -
     _check(x, causal)
     N = x.shape[-1]
     T = x.shape[-2] if causal else 1
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = _new_empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
     x2, y2 = _rows(x), y.view(-1, N)  # (R, N)
@@ -204,7 +206,7 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, scale: float = 1.0, caus
     """Launch the backward kernel: dx = scale * y * (dy - sum(dy * y)), dtype of y."""
     N = y.shape[-1]
     T = y.shape[-2] if causal else 1
-    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    dx = _new_empty(y.shape, dtype=y.dtype, device=y.device)
     if y.numel() == 0:
         return dx
     y2, dy2, dx2 = _rows(y), _rows(dy.to(y.dtype)), dx.view(-1, N)  # (R, N)
