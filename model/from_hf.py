@@ -63,8 +63,6 @@ def gpt2_state(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.T
 
 def llama_config(hf: dict) -> GPTConfig:
     heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise cli.UserError("head_dim different from hidden_size / num_attention_heads is not supported")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise cli.UserError(f"RoPE scaling {rope.get('rope_type')!r} is not supported (plain RoPE only)")
@@ -74,6 +72,7 @@ def llama_config(hf: dict) -> GPTConfig:
     return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
                      n_layer=hf["num_hidden_layers"], n_head=heads,
                      n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=hf["hidden_size"],
+                     head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
                      mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
                      pos="rope", rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), mlp="swiglu",
                      bias=bias, tie_embeddings=bool(hf.get("tie_word_embeddings", False)))

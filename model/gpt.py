@@ -35,6 +35,7 @@ class GPTConfig:
     n_head: int = 4
     n_kv_head: Optional[int] = None  # None = n_head (multi-head); 1 = multi-query
     n_embd: int = 256
+    head_dim: Optional[int] = None  # None = n_embd // n_head; explicit after structured head pruning
     mlp_hidden: Optional[int] = None  # None = 4*n_embd (gelu) or ~8/3*n_embd rounded to 64 (swiglu)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
@@ -57,10 +58,13 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+            self.head_dim = self.n_embd // self.n_head
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
         checks = [
-            (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}"),
             (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r} (use layernorm or rmsnorm)"),
             (self.pos in ("learned", "rope"), f"pos={self.pos!r} (use learned or rope)"),
@@ -70,10 +74,6 @@ class GPTConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":

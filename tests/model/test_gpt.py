@@ -99,3 +99,14 @@ def test_attn_fn_hook_is_per_instance_and_used():
     assert len(calls) == a.config.n_layer and calls[0][2] is True
     b(x)
     assert len(calls) == a.config.n_layer  # the other instance is untouched
+
+
+def test_explicit_head_dim_decouples_heads_from_width():
+    """After structured head pruning, n_head * head_dim < n_embd; the cache path must still agree."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny", vocab_size=97, n_head=3, head_dim=16, pos="rope")).eval()
+    assert m.blocks[0].attn.q_proj.weight.shape == (48, 64)
+    x = torch.randint(0, 97, (2, 9))
+    logits, past = m(x[:, :5], use_cache=True)
+    step, _ = m(x[:, 5:], past_key_values=past, use_cache=True)
+    torch.testing.assert_close(torch.cat([logits, step], 1), m(x), rtol=1e-5, atol=1e-5)
