@@ -92,10 +92,10 @@ if tl is not None:
             m_ptr = tl.multiple_of(m_ptr, 16)
             v_ptr = tl.multiple_of(v_ptr, 16)
 
+        if HAS_FOUND_INF:  # GradScaler saw inf/NaN: an empty range masks off every load and store
+            numel = tl.where(tl.load(found_inf_ptr) == 0.0, numel, 0)
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
-        if HAS_FOUND_INF:  # GradScaler saw inf/NaN: mask off every load and store
-            mask = mask & (tl.load(found_inf_ptr) == 0.0)
 
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GRAD_SCALE:
@@ -143,7 +143,15 @@ if tl is not None:
         tl.store(v_ptr + offs, v, mask=mask)
         if MASTER:
             tl.store(w_ptr + offs, w, mask=mask)
-        tl.store(p_ptr + offs, w.to(param_like_ptr.dtype.element_ty), mask=mask)
+        if param_like_ptr.dtype.element_ty == tl.bfloat16:
+            # round to nearest even with integer ops: bit-exact with torch's .to(bfloat16) on the GPU and in the
+            # interpreter (whose float->bf16 cast truncates)
+            bits = w.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(w != w, 0x7FC0, rounded)  # keep NaN a NaN
+            tl.store(p_ptr + offs, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(p_ptr + offs, w.to(param_like_ptr.dtype.element_ty), mask=mask)
 
 
 
