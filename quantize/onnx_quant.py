@@ -1,0 +1,304 @@
+"""ONNX quantization of a hotpath decoder with ONNX Runtime's own tools (nothing here re-implements them).
+
+=================  ==========================================================================================
+mode               what ONNX Runtime tool, with which settings
+=================  ==========================================================================================
+``fp16``           `onnxruntime.transformers.float16.convert_float_to_float16`: weights and most ops in fp16;
+                   normalization, softmax, reductions, pow/exp/log/sqrt (the ops whose intermediates overflow
+                   or lose too much in fp16) stay fp32 behind casts. Inputs and outputs keep the fp32 types the
+                   serving backends feed (`ONNX Runtime backend` passes fp32 past, reads fp32 logits).
+``int8-dynamic``   `quantize_dynamic`: int8 weights per output channel, activations quantized per call
+                   (uint8) -> `DynamicQuantizeLinear` + `MatMulInteger` on the CPU provider.
+``int8-static``    `quantize_static` in Q/DQ format (what TensorRT and GPU runtimes consume): int8 symmetric
+                   activations and weights, weights per channel; activation ranges from a calibration pass over
+                   real corpus text (`CalibrationMethod` MinMax / Entropy / Percentile), ranges cached as JSON
+                   (`calibration_cache_path`) for reuse; `exclude` keeps sensitive nodes in fp32.
+``int4-weight``    `MatMulNBitsQuantizer`: 4-bit block-wise symmetric weights for every MatMul with a constant
+                   weight (`MatMulNBits`), and the token embedding (`GatherBlockQuantized`).
+=================  ==========================================================================================
+
+Every graph goes through `quant_pre_process` (shape inference + ONNX Runtime's graph optimizations) first, as
+ONNX Runtime recommends; that also constant-folds the transposed tied embedding into the head's MatMul weight so
+that the language-model head, the largest matmul of a small GPT, is quantized too. The hotpath metadata props
+(`hotpath.config`, `hotpath.tokenizer`, ...) are copied onto every output, plus `hotpath.quantization`.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from model.cli import UserError, atomic_path, existing_file
+
+from . import report as R
+
+ONNX_MODES = ("fp16", "int8-dynamic", "int8-static", "int4-weight")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_CALIB_SAMPLES = 32
+DEFAULT_CALIB_BYTES = 2_000_000  # corpus read for calibration: plenty of windows, quick to tokenize
+# op types kept in fp32 by the fp16 mode: their intermediates overflow fp16 (sum of squares, exp) or need range
+FP16_KEEP_FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                      "SkipSimplifiedLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt",
+                      "Reciprocal", "Exp", "Log", "Erf", "CumSum", "Range", "Min", "Max", "TopK")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _quiet_ort():
+    """ONNX Runtime's quantization tools log warnings through `logging` for every unquantizable node."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def default_output(src: Path, mode: str) -> Path:
+    """`model.onnx` -> `model.int8-static.onnx`, `ckpt.pt` -> `ckpt.int8-static.onnx` (beside the input)."""
+    return src.with_name(f"{src.stem}.{mode}.onnx")
+
+
+def _load_onnx(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # protobuf raises DecodeError and friends for a cut or foreign file
+        raise UserError(f"{path} is truncated or not an ONNX model ({type(e).__name__}); re-export it") from e
+
+
+def _check_hotpath(model: onnx.ModelProto, path: Path) -> dict[str, str]:
+    props = {p.key: p.value for p in model.metadata_props}
+    if "hotpath.config" not in props:
+        raise UserError(f"{path} is not a hotpath ONNX model (no hotpath.config metadata; export it with "
+                        "python -m export.to_onnx CKPT)")
+    return props
+
+
+def _save(model: onnx.ModelProto, out: Path, props: dict[str, str]) -> Path:
+    """Metadata props written onto `model` (replacing same keys), saved atomically; >2 GB as external data."""
+    keep = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    for p in keep:
+        model.metadata_props.add(key=p.key, value=p.value)
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    large = model.ByteSize() > 1_900_000_000
+    with atomic_path(out) as tmp:
+        if large:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=out.name + ".data")
+        else:
+            onnx.save_model(model, str(tmp))
+    return out
+
+
+def pre_process(src: Path, dst: Path) -> Path:
+    """ONNX Runtime's `quant_pre_process` (symbolic shape inference + graph optimizations); falls back to ONNX
+    shape inference alone when the symbolic pass cannot follow the graph."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with _quiet_ort():
+        try:
+            quant_pre_process(str(src), str(dst))
+        except Exception:  # symbolic inference gives up on some exporter patterns
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    return dst
+
+
+def match_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
+    """Node names matching any of `patterns` (exact names, or fnmatch globs like '*lm_head*' / op types)."""
+    names = []
+    for pat in patterns:
+        hits = [n.name for n in model.graph.node if fnmatch.fnmatchcase(n.name, pat) or n.op_type == pat]
+        if not hits:
+            sample = ", ".join(n.name for n in model.graph.node if n.op_type == "MatMul")[:200]
+            raise UserError(f"--exclude {pat!r} matches no node (MatMul nodes are named like: {sample})")
+        names += hits
+    return sorted(set(names))
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+class CorpusCalibrationReader:
+    """Feeds for ONNX Runtime's calibrators: `samples` windows of real training text (never the held-out split),
+    each a prefill of the model's context with an empty KV cache, taken at evenly spread offsets."""
+
+    def __init__(self, prefill: "R.OrtPrefill", ids, block: int, samples: int, batch_size: int = 1):
+        from model.data import eval_windows
+
+        available = (len(ids) - 1) // block
+        if samples < 1:
+            raise UserError(f"--calib-samples {samples} must be at least 1")
+        if available < samples:
+            raise UserError(f"the calibration text has {len(ids):,} tokens, {available} windows of {block}: fewer "
+                            f"than --calib-samples {samples} (pass more text with --corpus or lower --calib-samples)")
+        windows = [w[0].numpy() for w in eval_windows(ids, block, samples)]
+        self.feeds = [prefill.feeds(np.stack(windows[i:i + batch_size]))
+                      for i in range(0, len(windows), batch_size)]
+        self._it = iter(self.feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def __len__(self):
+        return len(self.feeds)
+
+
+def calibration_tokens(props: dict[str, str], corpus=None, corpus_bytes: Optional[int] = None):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(props["hotpath.tokenizer"]) if "hotpath.tokenizer" in props else None
+    if tok is None:
+        raise UserError("the ONNX model has no hotpath.tokenizer metadata (re-export it with python -m export.to_onnx)")
+    data = R.load_token_data(tok, None, corpus, corpus_bytes or DEFAULT_CALIB_BYTES)
+    return data.train
+
+
+def default_calib_cache(out: Path, method: str, samples: int) -> Path:
+    return out.with_name(f"{out.name.removesuffix('.onnx')}.calib-{method}-{samples}.json")
+
+
+# ---------------------------------------------------------------------------------------------- the modes
+def quantize_onnx(src_onnx, mode: str, out=None, *, calib_method: str = "minmax",
+                  calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_cache=None, recalibrate: bool = False,
+                  exclude: Iterable[str] = (), corpus=None, corpus_bytes: Optional[int] = None,
+                  block_size: int = 32, accuracy_level: Optional[int] = 4, per_channel: bool = True,
+                  quantize_embedding: bool = True, threads: Optional[int] = None, verbose: bool = False) -> Path:
+    """Quantize the hotpath ONNX decoder `src_onnx` with `mode`; returns the output path.
+
+    `out` defaults to `<src stem>.<mode>.onnx` beside the input. Options by mode:
+    int8-static: calib_method (minmax|entropy|percentile), calib_samples (windows of the context), calib_cache (JSON
+    path; default beside the output, reused when newer than the source), recalibrate, exclude (node names/globs),
+    corpus / corpus_bytes (calibration text; default the built-in corpus). int8-dynamic: per_channel, exclude.
+    int4-weight: block_size (a power of 2 >= 16), accuracy_level (MatMulNBits compute: 4 = int8 activations,
+    None = fp32), quantize_embedding (the token embedding Gather as well). fp16: exclude (nodes kept fp32).
+    """
+    src = existing_file(src_onnx, "model")
+    if mode not in ONNX_MODES:
+        raise UserError(f"unknown mode {mode!r} (choose from {', '.join(ONNX_MODES)})")
+    out = Path(out) if out is not None else default_output(src, mode)
+    source = _load_onnx(src)
+    props = _check_hotpath(source, src)
+    exclude = list(exclude or ())
+    details: dict = {"mode": mode, "tool": "onnxruntime " + __import__("onnxruntime").__version__}
+
+    with tempfile.TemporaryDirectory(prefix="hotpath-quant.") as tmpdir:
+        tmp = Path(tmpdir)
+        if mode == "fp16":
+            model = _fp16(source, exclude, details)
+        else:
+            pre = pre_process(src, tmp / "pre.onnx")
+            pre_model = onnx.load(str(pre))
+            excluded = match_nodes(pre_model, exclude) if exclude else []
+            if excluded:
+                details["excluded_nodes"] = excluded
+            if mode == "int8-dynamic":
+                model = _int8_dynamic(pre, tmp / "q.onnx", excluded, per_channel, details)
+            elif mode == "int8-static":
+                model = _int8_static(pre, tmp / "q.onnx", src, out, props, excluded, details, calib_method=calib_method,
+                                     calib_samples=calib_samples, calib_cache=calib_cache, recalibrate=recalibrate,
+                                     corpus=corpus, corpus_bytes=corpus_bytes, threads=threads, verbose=verbose)
+            else:
+                model = _int4_weight(pre_model, excluded, block_size, accuracy_level, quantize_embedding, details)
+        props = {**props, "hotpath.quantization": json.dumps(details)}
+        if mode == "fp16":
+            props["hotpath.weights_dtype"] = "fp16"
+        return _save(model, out, props)
+
+
+def _fp16(source: onnx.ModelProto, exclude: list[str], details: dict) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    node_block = match_nodes(source, exclude) if exclude else []
+    details.update({"kept_fp32_ops": list(FP16_KEEP_FP32_OPS), "kept_fp32_nodes": node_block, "io": "unchanged"})
+    with _quiet_ort():
+        return convert_float_to_float16(source, keep_io_types=True,
+                                        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32_OPS)),
+                                        node_block_list=node_block or None)
+
+
+def _int8_dynamic(pre: Path, out: Path, excluded, per_channel: bool, details: dict) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    details.update({"weights": "int8 symmetric" + (" per channel" if per_channel else " per tensor"),
+                    "activations": "uint8 dynamic (per call)", "ops": ["MatMul", "Gemm"]})
+    with _quiet_ort():
+        quantize_dynamic(str(pre), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=list(excluded),
+                         extra_options={"MatMulConstBOnly": True})
+    return onnx.load(str(out))
+
+
+def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, props, excluded, details, *, calib_method,
+                 calib_samples, calib_cache, recalibrate, corpus, corpus_bytes, threads, verbose) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if calib_method not in CALIB_METHODS:
+        raise UserError(f"unknown --calib-method {calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[calib_method]
+    cache = Path(calib_cache) if calib_cache else default_calib_cache(final_out, calib_method, calib_samples)
+    stale = cache.exists() and (recalibrate or cache.stat().st_mtime < src.stat().st_mtime)
+    if stale:
+        cache.unlink()
+    reused = cache.exists()
+    reader = None
+    if not reused:
+        prefill = R.OrtPrefill(pre, threads=threads, config=R.hotpath_config(props))
+        ids = calibration_tokens(props, corpus, corpus_bytes)
+        reader = CorpusCalibrationReader(prefill, ids, prefill.config.block_size, calib_samples)
+        del prefill
+    details.update({"format": "QDQ", "weights": "int8 symmetric per channel", "activations": "int8 symmetric",
+                    "ops": ["MatMul", "Gemm"], "calibration": {"method": calib_method, "samples": calib_samples,
+                                                               "cache": str(cache), "reused": reused}})
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    if calib_method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    with _quiet_ort():
+        try:
+            quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(excluded), calibrate_method=method, extra_options=extra,
+                            calibration_cache_path=str(cache))
+        except ValueError as e:
+            if reused:
+                raise UserError(f"calibration cache {cache} does not fit this model ({e}); pass --recalibrate") from e
+            raise
+    return onnx.load(str(out))
+
+
+def _int4_weight(pre_model: onnx.ModelProto, excluded, block_size: int, accuracy_level, quantize_embedding: bool,
+                 details: dict) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    if block_size < 16 or block_size & (block_size - 1):
+        raise UserError(f"--block-size {block_size} must be a power of two, at least 16")
+    ops = ("MatMul", "Gather") if quantize_embedding else ("MatMul",)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                                       quant_format=QuantFormat.QOperator, op_types_to_quantize=ops,
+                                       quant_axes=(("MatMul", 0), ("Gather", 1)), bits=4)
+    details.update({"weights": f"int4 symmetric, blocks of {block_size}", "ops": list(ops),
+                    "accuracy_level": accuracy_level})
+    with _quiet_ort():
+        q = MatMulNBitsQuantizer(pre_model, bits=4, block_size=block_size, is_symmetric=True,
+                                 accuracy_level=accuracy_level, nodes_to_exclude=list(excluded),
+                                 quant_format=QuantFormat.QOperator, op_types_to_quantize=ops,
+                                 quant_axes=(("MatMul", 0), ("Gather", 1)), algo_config=cfg)
+        q.process()
+    return q.model.model
