@@ -337,12 +337,34 @@ def _configs(entries):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in entries]
 
 
-# Autotune lists for Hopper (BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4 stages). Kept short: every config is
-# compiled per (head dim, causal, dtype), and configs that do not fit shared memory are skipped by the autotuner.
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4)]
-_BWD_DKDV_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 32, 4, 4)]
-_BWD_DQ_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 128, 8, 2)]
+# Autotune lists for Hopper (BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4 stages), (BLOCK_M, BLOCK_N, num_warps,
+# num_stages); BLOCK_M tiles queries, BLOCK_N keys. Kept short on purpose: every config is compiled per (head dim,
+# causal, dtype), and compiling one takes seconds (bf16, D = 128: ~5-15 s on a 2-core VM; fp32 IEEE dots far longer).
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+_BWD_DKDV_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 2)]
+_BWD_DQ_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 2)]
+_FALLBACK_CONFIG = (64, 32, 4, 2)  # fits shared memory for every supported dtype and head dim
 _AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_FP32", "PRECISION"]
+_SMEM_BUDGET = 160 * 1024  # rough: stay well under the 227 KB an H100/H200 block may use
+_TINY_PROBLEM = 512 * 512  # T_BUCKET * S_BUCKET at or below this: no benchmarking, first fitting config
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose tiles obviously overflow shared memory (fp32 inputs, D = 128), prefer BLOCK_M = 64 for
+    short query blocks (decode), and skip benchmarking entirely for tiny problems."""
+    elem = named_args["q_ptr"].element_size()
+    block_d = kwargs["BLOCK_D"]
+    t, s = named_args["T_BUCKET"], named_args["S_BUCKET"]
+
+    def smem(c):
+        return elem * block_d * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.num_stages
+
+    kept = [c for c in configs if smem(c) <= _SMEM_BUDGET] or _configs([_FALLBACK_CONFIG])
+    if t <= 64:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] == 64] or kept
+    if t * s <= _TINY_PROBLEM:
+        kept = kept[:1]
+    return kept
 
 
 @functools.cache
@@ -355,9 +377,11 @@ def _kernels(interpret: bool):
     dq = jit(_attn_bwd_dq_kernel)
     pre = jit(_attn_bwd_preprocess_kernel)
     if not interpret:
-        fwd = triton.autotune(_configs(_FWD_CONFIGS), key=_AUTOTUNE_KEY)(fwd)
-        dkdv = triton.autotune(_configs(_BWD_DKDV_CONFIGS), key=_AUTOTUNE_KEY)(dkdv)
-        dq = triton.autotune(_configs(_BWD_DQ_CONFIGS), key=_AUTOTUNE_KEY)(dq)
+        tune = lambda cfgs: triton.autotune(  # noqa: E731
+            _configs(cfgs), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
+        fwd = tune(_FWD_CONFIGS)(fwd)
+        dkdv = tune(_BWD_DKDV_CONFIGS)(dkdv)
+        dq = tune(_BWD_DQ_CONFIGS)(dq)
     return fwd, dkdv, dq, pre
 
 
