@@ -1,0 +1,88 @@
+"""The one interface every serving backend implements: a forward step over a batch with a KV cache.
+
+A backend is a model behind three calls the engine needs, whatever runs it (eager PyTorch, ONNX Runtime, TensorRT):
+
+    forward(input_ids, attention_mask, position_ids, past) -> (logits, present)
+        input_ids       int64 (B, T)           new tokens (T = prompt length at prefill, 1 at decode)
+        attention_mask  int64 (B, P + T)       1 = real token, 0 = left padding (over past and new tokens)
+        position_ids    int64 (B, T)           each new token's position, counting real tokens only
+        past            KVCache or None        per layer (key, value), each (B, H_kv, P, D); None = empty
+        logits          float32 (B, T, V)
+        present         KVCache                per layer (key, value), each (B, H_kv, P + T, D)
+
+All tensors at this boundary are **torch tensors**: inputs may come on the CPU (the backend moves them), logits
+and caches come back on `backend.device` (the backend converts from its runtime: zero-copy NumPy for ONNX Runtime,
+device tensors for TensorRT), so the engine can cut, pad and join KV caches of different requests with torch ops,
+without knowing which runtime made them. The cache layout is the reference model's and the exported
+decoder's (`model/gpt.py`), so no backend reshapes it.
+
+`prefill` and `decode` are the two steps continuous batching is made of; `BaseBackend` derives them from
+`forward`. A backend also carries what the server needs to speak text: the tokenizer, the vocabulary size, the
+context length, and the end-of-text id.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str  # "torch" | "onnxruntime" | "tensorrt"
+    description: str  # one line for logs and /v2/models: runtime, provider, precision
+    tokenizer: object  # a `tokenizers.Tokenizer`
+    vocab_size: int
+    max_context: int  # the model's context length (block_size)
+    eos_id: Optional[int]
+    device: torch.device  # where logits and caches live
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]: ...
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]: ...
+
+    def decode(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+               past: KVCache) -> tuple[torch.Tensor, KVCache]: ...
+
+    def close(self) -> None: ...
+
+
+class BaseBackend:
+    """`prefill` and `decode` on top of a subclass's `forward`; subclasses set the attributes of `Backend`."""
+
+    name = "base"
+    description = ""
+    tokenizer = None
+    vocab_size = 0
+    max_context = 0
+    eos_id: Optional[int] = None
+    device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask, position_ids, past):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """Left-padded prompts (B, T) -> (last-position logits (B, V) float32, cache of length T)."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits, present = self.forward(input_ids, attention_mask, position_ids, None)
+        return logits[:, -1].float(), present
+
+    def decode(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+               past: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One token per row: tokens (B,), mask (B, P + 1), positions (B,) -> (logits (B, V), cache P + 1)."""
+        logits, present = self.forward(tokens.view(-1, 1), attention_mask, position_ids.view(-1, 1), past)
+        return logits[:, -1].float(), present
+
+    def close(self) -> None:
+        pass
+
+
+def eos_of(tokenizer) -> Optional[int]:
+    """The end-of-text id of a hotpath tokenizer (None when it has none)."""
+    try:
+        return tokenizer.token_to_id("<|endoftext|>")
+    except Exception:  # a foreign tokenizer object
+        return None

@@ -1,0 +1,52 @@
+"""ONNX Runtime backend: adapts `export.onnx_runtime.OnnxDecoder` (the exported KV-cache decoder, fp32, fp16 or
+int8) to the `Backend` protocol. The decoder picks the CUDA (or TensorRT) execution provider when onnxruntime-gpu
+offers it, the CPU one otherwise; `description` says which it chose.
+
+Caches cross the boundary as torch tensors sharing memory with ONNX Runtime's NumPy outputs (`torch.from_numpy`,
+no copy); inputs go back as NumPy views of the engine's tensors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from model.cli import UserError
+
+from .base import BaseBackend, KVCache, eos_of
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+class OnnxRuntimeBackend(BaseBackend):
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, *, providers: Optional[list[str]] = None, threads: Optional[int] = None):
+        try:
+            from export.onnx_runtime import OnnxDecoder
+        except ImportError as e:
+            raise UserError(f"the ONNX Runtime backend needs export.onnx_runtime, which this install lacks ({e}); "
+                            "update hotpath") from e
+        self.decoder = OnnxDecoder(str(path), providers=providers, threads=threads)
+        if not getattr(self.decoder, "kv_cache", True):
+            raise UserError(f"{Path(path).name} was exported without a KV cache, which serving needs "
+                            "(re-export without --no-kv-cache)")
+        cfg = self.decoder.config
+        self.tokenizer = self.decoder.tokenizer
+        self.vocab_size = cfg.vocab_size
+        self.max_context = cfg.block_size
+        self.eos_id = eos_of(self.tokenizer)
+        self.device = torch.device("cpu")
+        self.description = f"onnxruntime ({self.decoder.provider}, {np.dtype(self.decoder.dtype).name}, {Path(path).name})"
+
+    def forward(self, input_ids, attention_mask, position_ids, past: Optional[KVCache]):
+        B = input_ids.shape[0]
+        np_past = self.decoder.empty_past(B) if past is None else [(_np(k), _np(v)) for k, v in past]
+        logits, present = self.decoder.forward(_np(input_ids.long()), _np(attention_mask.long()),
+                                               _np(position_ids.long()), np_past)
+        logits = torch.from_numpy(np.ascontiguousarray(logits)).float()
+        return logits, [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in present]
