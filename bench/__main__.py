@@ -1,0 +1,5 @@
+from model.cli import run
+
+from .cli import main
+
+run(main)

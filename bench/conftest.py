@@ -1,0 +1,1 @@
+# bench/ holds pytest-benchmark micro-benchmarks; they run only when asked for (`pytest bench/ --benchmark-only`).
