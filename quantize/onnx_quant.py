@@ -5,8 +5,9 @@ mode               what ONNX Runtime tool, with which settings
 =================  ==========================================================================================
 ``fp16``           `onnxruntime.transformers.float16.convert_float_to_float16`: weights and most ops in fp16;
                    normalization, softmax, reductions, pow/exp/log/sqrt (the ops whose intermediates overflow
-                   or lose too much in fp16) stay fp32 behind casts. Inputs and outputs keep the fp32 types the
-                   serving backends feed (`ONNX Runtime backend` passes fp32 past, reads fp32 logits).
+                   or lose too much in fp16) stay fp32 behind casts. Inputs and outputs as export's own fp16
+                   decoder has them (what `export.onnx_runtime.OnnxDecoder` and serve expect): past/present
+                   key-values fp16, logits fp32; `hotpath.dtype` = "fp16".
 ``int8-dynamic``   `quantize_dynamic`: int8 weights per output channel, activations quantized per call
                    (uint8) -> `DynamicQuantizeLinear` + `MatMulInteger` on the CPU provider.
 ``int8-static``    `quantize_static` in Q/DQ format (what TensorRT and GPU runtimes consume): int8 symmetric
@@ -216,7 +217,7 @@ def quantize_onnx(src_onnx, mode: str, out=None, *, calib_method: str = "minmax"
                 model = _int4_weight(pre_model, excluded, block_size, accuracy_level, quantize_embedding, details)
         props = {**props, "hotpath.quantization": json.dumps(details)}
         if mode == "fp16":
-            props["hotpath.weights_dtype"] = "fp16"
+            props["hotpath.dtype"] = "fp16"  # weights and KV cache, as export's own fp16 decoder
         return _save(model, out, props)
 
 
@@ -224,9 +225,10 @@ def _fp16(source: onnx.ModelProto, exclude: list[str], details: dict) -> onnx.Mo
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     node_block = match_nodes(source, exclude) if exclude else []
-    details.update({"kept_fp32_ops": list(FP16_KEEP_FP32_OPS), "kept_fp32_nodes": node_block, "io": "unchanged"})
+    details.update({"kept_fp32_ops": list(FP16_KEEP_FP32_OPS), "kept_fp32_nodes": node_block,
+                    "io": "past/present fp16, logits fp32 (as export --dtype fp16)"})
     with _quiet_ort():
-        return convert_float_to_float16(source, keep_io_types=True,
+        return convert_float_to_float16(source, keep_io_types=["logits"],
                                         op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32_OPS)),
                                         node_block_list=node_block or None)
 

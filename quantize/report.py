@@ -228,12 +228,16 @@ def format_report(r: dict[str, Any]) -> str:
     lat = r.get("latency")
     if lat:
         lines.append(f"  latency       {lat['baseline']['median_s'] * 1e3:.1f} ms -> {lat['variant']['median_s'] * 1e3:.1f} ms"
-                     f"  ({lat['speedup']:.2f}x faster; {lat['runtime']}, prefill {lat['shape'][0]}x{lat['shape'][1]},"
+                     f"  ({speed_words(lat['speedup'])}; {lat['runtime']}, prefill {lat['shape'][0]}x{lat['shape'][1]},"
                      f" median of {lat['variant']['repeats']}, spread {lat['variant']['min_s'] * 1e3:.1f}.."
                      f"{lat['variant']['max_s'] * 1e3:.1f} ms, {lat['threads']} threads)")
     for note in r.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def speed_words(speedup: float) -> str:
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def jsonable(r: dict[str, Any]) -> dict[str, Any]:
