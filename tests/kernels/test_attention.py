@@ -266,3 +266,57 @@ def test_onnx_export_fp16(tmp_path):
     ref = A.attention_ref(*(x.double() for x in (q, k, v)), causal=True)
     assert_half_within_torch_error(torch.from_numpy(out), _torch_in_dtype(q, k, v, True, 32 ** -0.5), ref,
                                    torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the GPU path, as far as a machine without a GPU can take it
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
+def test_kernels_compile_for_hopper():
+    """Compile every kernel ahead of time for sm_90 (Triton -> PTX -> cubin with the ptxas Triton ships): catches
+    type/shape errors in the compiled path the interpreter does not see. One bf16 config; shared memory checked."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction  # not triton.jit: that returns the interpreter under TRITON_INTERPRET
+
+    def signature(fn, consts):
+        sig = {}
+        for name in inspect.signature(fn).parameters:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*fp32" if name in ("lse_ptr", "delta_ptr") else "*bf16"
+            else:
+                sig[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
+        return sig
+
+    attn = dict(CAUSAL=True, HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, DOT_FP32=False, PRECISION="tf32")
+    kernels_consts = [(A._attn_fwd_kernel, attn), (A._attn_bwd_dkdv_kernel, attn), (A._attn_bwd_dq_kernel, attn),
+                      (A._attn_bwd_preprocess_kernel, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64))]
+    for raw, consts in kernels_consts:
+        src = ASTSource(JITFunction(raw), signature(raw, consts), constexprs=consts)
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+        except RuntimeError as e:
+            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+                pytest.skip(f"no ptxas: {e}")
+            raise
+        assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024, raw.__name__
+
+
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
+def test_autotune_pruning():
+    """GPU autotune config pruning (pure Python): smem overflow, decode, tiny problems."""
+    cfgs = A._configs(A._FWD_CONFIGS)
+    args = lambda dtype, t, s: {"q_ptr": torch.empty(0, dtype=dtype), "T_BUCKET": t, "S_BUCKET": s}  # noqa: E731
+    big = A._prune_configs(cfgs, args(torch.bfloat16, 4096, 4096), BLOCK_D=128)
+    assert len(big) == len(cfgs)  # bf16 D=128: every Hopper config fits, all are benchmarked
+    fp32 = A._prune_configs(cfgs, args(torch.float32, 4096, 4096), BLOCK_D=128)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in fp32] == [A._FALLBACK_CONFIG[:2]]
+    decode = A._prune_configs(cfgs, args(torch.bfloat16, 1, 8192), BLOCK_D=128)
+    assert decode and all(c.kwargs["BLOCK_M"] == 64 for c in decode)
+    assert len(A._prune_configs(cfgs, args(torch.float16, 256, 256), BLOCK_D=64)) == 1
