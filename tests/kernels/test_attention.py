@@ -165,6 +165,18 @@ def test_reference_path_without_interpreter(monkeypatch):
     check(1, 2, 1, 6, 6, 8, causal=False)
 
 
+@pytest.mark.parametrize("dtype, D", [(torch.float64, 32), (torch.float32, 160)], ids=["float64", "D160"])
+def test_unsupported_by_triton_falls_back_to_reference(dtype, D):
+    """float64 and head dims above 128 take the reference path even where Triton would run."""
+    assert not A._runs_triton(torch.empty(1, 1, 1, D, dtype=dtype, device=DEVICE))
+    q, k, v, do = _inputs(1, 2, 1, 7, 10, D, dtype, seed_key=("fallback", D))
+    got = _fwd_bwd(lambda q, k, v: kernels.attention(q, k, v, causal=True), q, k, v, do)
+    want = _fwd_bwd(lambda q, k, v: A.attention_ref(q, k, v, causal=True), *(x.double() for x in (q, k, v, do)))
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        assert_close_fp32(a, b)
+
+
 def test_use_triton_rules(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _dispatch.interpreting()
