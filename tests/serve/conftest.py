@@ -76,3 +76,12 @@ def tiny_server(tiny_ckpt):
     yield srv
     rc = srv.terminate()
     assert rc == 0, srv.output()
+
+
+# Iterating on these tests without retraining: HOTPATH_TINY_CKPT=path/to/tiny.pt (trained with the same flags as
+# tests/conftest.py's tiny_ckpt) replaces the session's freshly trained tiny checkpoint for tests/serve only.
+_PRETRAINED_TINY = os.environ.get("HOTPATH_TINY_CKPT")
+if _PRETRAINED_TINY:
+    @pytest.fixture(scope="session")
+    def tiny_ckpt():
+        return Path(_PRETRAINED_TINY)
