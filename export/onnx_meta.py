@@ -1,0 +1,151 @@
+"""hotpath metadata inside an `.onnx` file: what makes the file alone enough to serve the model.
+
+Every `.onnx` hotpath writes (export, and quantize, which copies these props onto its outputs) carries these
+``metadata_props``; all values are strings:
+
+===========================  =====================================================================
+``hotpath.config``           the ``GPTConfig`` as JSON
+``hotpath.tokenizer``        the tokenizer as its JSON string (``tokenizers.Tokenizer.to_str()``)
+``hotpath.version``          the hotpath version that wrote the file
+``hotpath.source_sha256``    SHA-256 of the source checkpoint file (or of the weights, for an in-memory model)
+``hotpath.kv_cache``         ``"1"``: a decoder with past/present key-values; ``"0"``: logits only
+``hotpath.dtype``            ``"fp32"`` or ``"fp16"``: the precision of the weights and the KV cache
+===========================  =====================================================================
+
+Reading needs only ``onnx`` (``load_external_data=False``: the weights are not read) or an ONNX Runtime session's
+``custom_metadata_map``; both go through :func:`parse_hotpath_metadata`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from model.cli import UserError
+
+PREFIX = "hotpath."
+CONFIG, TOKENIZER, VERSION, SOURCE_SHA256, KV_CACHE, DTYPE = (
+    "hotpath.config", "hotpath.tokenizer", "hotpath.version", "hotpath.source_sha256", "hotpath.kv_cache",
+    "hotpath.dtype")
+REQUIRED = (CONFIG, TOKENIZER, KV_CACHE)
+DTYPES = ("fp32", "fp16")
+
+
+def hotpath_version() -> str:
+    """The installed hotpath version, or the one in the source tree's pyproject.toml."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("hotpath")
+    except PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+def make_hotpath_metadata(config, tokenizer, *, source_sha256: str, kv_cache: bool, dtype: str) -> dict[str, str]:
+    """The metadata_props dict for an export. `config`: GPTConfig or dict; `tokenizer`: Tokenizer or JSON str."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    tok = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
+    return {
+        CONFIG: json.dumps(cfg, sort_keys=True),
+        TOKENIZER: tok,
+        VERSION: hotpath_version(),
+        SOURCE_SHA256: source_sha256,
+        KV_CACHE: "1" if kv_cache else "0",
+        DTYPE: dtype,
+    }
+
+
+def set_metadata_props(model_proto, props: Mapping[str, str]) -> None:
+    """Write (or overwrite) `props` into an onnx.ModelProto's metadata_props."""
+    existing = {p.key: p for p in model_proto.metadata_props}
+    for key, value in props.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            entry = model_proto.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
+def parse_hotpath_metadata(props: Mapping[str, str], source: str = "the model") -> dict[str, Any]:
+    """Validate raw metadata props and decode them.
+
+    Returns ``{"config": dict, "tokenizer": str, "version": str, "source_sha256": str, "kv_cache": bool,
+    "dtype": str, "props": {every key: value}}``; raises UserError when `props` are not a hotpath export's.
+    """
+    missing = [k for k in REQUIRED if k not in props]
+    if missing:
+        raise UserError(f"{source} is not a hotpath export (no {', '.join(missing)} metadata; "
+                        "export a checkpoint with python -m export.to_onnx)")
+    try:
+        config = json.loads(props[CONFIG])
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise UserError(f"{source} is not a hotpath export (its hotpath.config is not valid JSON: {e}; "
+                        "re-export it with python -m export.to_onnx)") from e
+    dtype = props.get(DTYPE, "fp32")
+    return {
+        "config": config,
+        "tokenizer": props[TOKENIZER],
+        "version": props.get(VERSION, "unknown"),
+        "source_sha256": props.get(SOURCE_SHA256, ""),
+        "kv_cache": props[KV_CACHE] == "1",
+        "dtype": dtype,
+        "props": dict(props),
+    }
+
+
+def read_metadata_props(path_or_proto) -> dict[str, str]:
+    """All metadata_props of an .onnx path or onnx.ModelProto (weights are not loaded)."""
+    import onnx
+
+    if isinstance(path_or_proto, onnx.ModelProto):
+        model = path_or_proto
+    else:
+        path = Path(os.fspath(path_or_proto))
+        if not path.exists():
+            raise UserError(f"ONNX model {path} does not exist (check the path)")
+        if not path.is_file():
+            raise UserError(f"ONNX model {path} is not a file (pass the .onnx file)")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # protobuf DecodeError and friends for a cut or foreign file
+            raise UserError(f"{path} is not a hotpath export (not a readable ONNX model: {type(e).__name__}; "
+                            "export a checkpoint with python -m export.to_onnx)") from e
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def read_hotpath_metadata(path_or_proto) -> dict[str, Any]:
+    """Decoded hotpath metadata of an .onnx path or ModelProto (see :func:`parse_hotpath_metadata`).
+
+    Raises UserError("... is not a hotpath export ...") for any ONNX file without it, or for a non-ONNX file."""
+    source = "the ONNX model" if not isinstance(path_or_proto, (str, os.PathLike)) else str(path_or_proto)
+    return parse_hotpath_metadata(read_metadata_props(path_or_proto), source)
+
+
+def gpt_config(meta: Mapping[str, Any]):
+    """GPTConfig from decoded metadata."""
+    from model.gpt import GPTConfig
+
+    try:
+        return GPTConfig.from_dict(dict(meta["config"]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the hotpath.config metadata is not a valid GPTConfig ({e}); re-export the model") from e
+
+
+def tokenizer_of(meta: Mapping[str, Any]):
+    """tokenizers.Tokenizer from decoded metadata."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(meta["tokenizer"])
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise UserError(f"the hotpath.tokenizer metadata is not a valid tokenizer ({e}); re-export the model") from e

@@ -1,0 +1,249 @@
+"""Run an exported hotpath decoder with ONNX Runtime and its KV cache:
+`python -m export.onnx_runtime model.onnx --prompt "def " --max-new-tokens 64 [--temperature T --top-k K --seed S]`.
+
+:class:`OnnxDecoder` owns the session. The graph takes ``input_ids`` (B, T) int64, ``attention_mask``
+(B, past + T) int64 (1 = real token, 0 = left padding), ``position_ids`` (B, T) int64 and, for a KV-cache export,
+``past_key_values.{i}.key|value`` (B, kv_heads, past, head_dim) in the export's dtype; it returns ``logits``
+(B, T, vocab) float32 and ``present.{i}.key|value`` (B, kv_heads, past + T, head_dim). A prefill is the same graph
+with an empty past (past = 0).
+
+Generation mirrors :func:`model.generate.stream_tokens` step for step (one prefill, one cached decode step per
+token, the same stopping rule, :func:`model.sampling.sample_next` on the logits as torch tensors with a torch
+generator seeded the same way), so with the same seed it yields the same tokens as the PyTorch model.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from model import cli
+from model.cli import UserError
+
+from .onnx_meta import gpt_config, parse_hotpath_metadata, tokenizer_of
+
+Past = list[tuple[np.ndarray, np.ndarray]]
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(bfloat16)": np.float32}
+# preferred execution providers, best first; the TensorRT EP is used only when asked for (it builds an engine per
+# new shape on first use, minutes for a dynamic-shape decoder; export.to_trt builds one engine with profiles instead)
+_PREFERRED = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(providers: Optional[Sequence[str]] = None) -> list[str]:
+    """The execution providers to ask for: `providers` as given (checked), else CUDA when available, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers:
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise UserError(f"ONNX Runtime here lacks {', '.join(missing)} (available: {', '.join(available)}; "
+                            "install onnxruntime-gpu for CUDA/TensorRT)")
+        return list(providers)
+    return [p for p in _PREFERRED if p in available] or ["CPUExecutionProvider"]
+
+
+def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-pad token lists into (input_ids, attention_mask, position_ids), each (B, max_len) int64.
+
+    Positions count real tokens only (0 for the pads), as :func:`model.gpt.default_position_ids` does."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), T), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = p
+        mask[b, T - len(p):] = 1
+    return ids, mask, positions_from_mask(mask, T)
+
+
+def positions_from_mask(attention_mask: np.ndarray, T: int) -> np.ndarray:
+    """position_ids (B, T) for the last T tokens: the count of real tokens before each one (pads get 0)."""
+    pos = np.cumsum(attention_mask.astype(np.int64), axis=-1) - 1
+    return np.maximum(pos, 0)[:, -T:]
+
+
+class OnnxDecoder:
+    """An ONNX Runtime session over a hotpath export, with its config and tokenizer from the file's metadata.
+
+    providers: ONNX Runtime execution providers, best first (default: CUDA when available, else CPU);
+    threads: intra-op threads (default: ONNX Runtime's choice). Graph optimizations: ORT_ENABLE_ALL.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        self.path = cli.existing_file(path, "ONNX model")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only
+        if threads is not None:
+            if threads < 1:
+                raise UserError(f"threads={threads} must be at least 1")
+            options.intra_op_num_threads = int(threads)
+        chosen = choose_providers(providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=chosen)
+        except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.path} is not a hotpath export ONNX Runtime can load ({first}); "
+                            "export a checkpoint with python -m export.to_onnx") from e
+        self.metadata = parse_hotpath_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
+        self.config = gpt_config(self.metadata)
+        self.tokenizer = tokenizer_of(self.metadata)
+        self.provider: str = self.session.get_providers()[0]
+        self.kv_cache: bool = self.metadata["kv_cache"]
+        self.num_layers: int = self.config.n_layer
+        self.kv_heads: int = self.config.n_kv_head
+        self.head_dim: int = self.config.head_dim
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        expected = ["input_ids", "attention_mask", "position_ids"]
+        if self.kv_cache:
+            expected += [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        if sorted(expected) != sorted(self.input_names) or "logits" not in self.output_names:
+            raise UserError(f"{self.path} does not have the inputs of a hotpath decoder (expected {expected[:4]}..., "
+                            f"found {self.input_names[:4]}...); re-export it with python -m export.to_onnx")
+        self.dtype = np.dtype(_ORT_DTYPES.get(types[expected[-1]], np.float32)) if self.kv_cache else \
+            np.dtype(np.float16 if self.metadata["dtype"] == "fp16" else np.float32)
+        self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    def __repr__(self) -> str:
+        return (f"OnnxDecoder({str(self.path)!r}, provider={self.provider}, dtype={self.dtype.name}, "
+                f"kv_cache={self.kv_cache}, layers={self.num_layers})")
+
+    # ------------------------------------------------------------------------------------------- one step
+    def empty_past(self, batch: int) -> Past:
+        """A zero-length past for a prefill: per layer (key, value), each (batch, kv_heads, 0, head_dim)."""
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
+        return [(empty, empty) for _ in range(self.num_layers)]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past: Optional[Past] = None):
+        """One graph run. input_ids (B, T); attention_mask (B, past + T), default all ones; position_ids (B, T),
+        default from the mask; past: per-layer (key, value) or None for an empty one.
+
+        Returns (logits (B, T, vocab) float32, present per-layer (key, value) (B, kv_heads, past + T, head_dim));
+        for an export without KV cache, present is None and `past` must be None."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got shape {ids.shape}")
+        B, T = ids.shape
+        if past is not None and not self.kv_cache:
+            raise ValueError(f"{self.path.name} was exported without a KV cache (re-export without --no-kv-cache)")
+        if self.kv_cache and past is None:
+            past = self.empty_past(B)
+        past_len = past[0][0].shape[2] if self.kv_cache else 0
+        if past_len + T > self.config.block_size:
+            raise ValueError(f"{past_len + T} tokens exceed the model context of {self.config.block_size}")
+        mask = (np.ones((B, past_len + T), dtype=np.int64) if attention_mask is None
+                else np.ascontiguousarray(attention_mask, dtype=np.int64))
+        if mask.shape != (B, past_len + T):
+            raise ValueError(f"attention_mask must be (batch, past + tokens) = {(B, past_len + T)}, got {mask.shape}")
+        pos = positions_from_mask(mask, T) if position_ids is None else np.ascontiguousarray(position_ids,
+                                                                                           dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        if self.kv_cache:
+            if len(past) != self.num_layers:
+                raise ValueError(f"past has {len(past)} layers, the model {self.num_layers}")
+            for i, (k, v) in enumerate(past):
+                feeds[f"past_key_values.{i}.key"] = np.ascontiguousarray(k, dtype=self.dtype)
+                feeds[f"past_key_values.{i}.value"] = np.ascontiguousarray(v, dtype=self.dtype)
+            out = self.session.run(["logits", *self._present_names], feeds)
+            present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
+            return out[0].astype(np.float32, copy=False), present
+        logits = self.session.run(["logits"], feeds)[0]
+        return logits.astype(np.float32, copy=False), None
+
+    # ------------------------------------------------------------------------------------------- generation
+    def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
+               top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+               eos_id: Optional[int] = None) -> Iterator[int]:
+        """Yield new token ids one by one, as :func:`model.generate.stream_tokens` does for the torch model."""
+        import torch
+
+        from model.sampling import sample_next
+
+        ctx = self.config.block_size
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) > ctx:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids) + 1)
+        seq = list(prompt_ids)
+        logits, past = self.forward(np.array([seq], dtype=np.int64))
+        for i in range(max_new_tokens):
+            nxt = sample_next(torch.from_numpy(logits[:, -1].copy()), temperature=temperature, top_k=top_k,
+                              top_p=top_p, generator=generator)
+            token = int(nxt.item())
+            yield token
+            if token == eos_id or i + 1 == max_new_tokens:
+                return
+            seq.append(token)
+            if self.kv_cache:
+                logits, past = self.forward(np.array([[token]], dtype=np.int64), past=past)
+            else:  # no cache in the graph: recompute the whole sequence
+                logits, _ = self.forward(np.array([seq], dtype=np.int64))
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs) -> list[int]:
+        """New token ids (the prompt not included); keyword arguments as :meth:`stream`."""
+        return list(self.stream(prompt_ids, max_new_tokens, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def build_parser():
+    p = cli.parser("python -m export.onnx_runtime",
+                   "Generate text from an exported hotpath .onnx with ONNX Runtime and its KV cache.")
+    p.add_argument("model", help="a .onnx written by python -m export.to_onnx")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--provider", action="append", default=None,
+                   help="execution provider, repeatable (default: CUDA when available, else CPU)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p} is outside (0, 1]")
+    dec = OnnxDecoder(args.model, providers=args.provider, threads=args.threads)
+    prompt_ids = dec.tokenizer.encode(args.prompt).ids
+    ctx = dec.config.block_size
+    if not prompt_ids:
+        raise UserError("the prompt is empty (pass --prompt TEXT)")
+    if len(prompt_ids) > ctx:
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx} (shorten it)")
+    print(f"note: {Path(args.model).name} on {dec.provider}, {dec.dtype.name}", file=sys.stderr)
+    sys.stdout.write(args.prompt)
+    out: list[int] = []
+    printed = ""
+    for token in dec.stream(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, eos_id=dec.tokenizer.token_to_id("<|endoftext|>")):
+        out.append(token)
+        text = dec.tokenizer.decode(out)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,443 @@
+"""Export a hotpath checkpoint to ONNX, validated: `python -m export.to_onnx ckpt.pt [--out PATH] [--opset N]
+[--no-kv-cache] [--dtype fp32|fp16] [--no-validate]`.
+
+The default graph is a decoder with a KV cache that serves both prefill (empty past) and decode, with the names
+ONNX Runtime GenAI, Optimum and transformers.js use::
+
+    inputs   input_ids (batch, sequence_length) int64
+             attention_mask (batch, total_sequence_length) int64      1 = real token, 0 = left padding
+             position_ids (batch, sequence_length) int64
+             past_key_values.{i}.key|value (batch, kv_heads, past_sequence_length, head_dim)  fp32 or fp16
+    outputs  logits (batch, sequence_length, vocab) float32 (always: fp16 exports cast them)
+             present.{i}.key|value (batch, kv_heads, total_sequence_length, head_dim)
+
+total_sequence_length = past_sequence_length + sequence_length. ``--no-kv-cache`` writes a logits-only graph with
+the first three inputs. Exported with ``torch.onnx.export(dynamo=True)``: the example inputs have batch 2,
+3 new tokens and a past of 4, so no axis is specialised to 0 or 1; ONNX Runtime runs past length 0 (prefill) and
+1-token decode steps with the same graph, which validation checks on every export.
+
+The config, tokenizer, hotpath version, source hash, dtype and KV-cache flag go into the model's metadata
+(:mod:`export.onnx_meta`), so the `.onnx` alone is enough to serve. Models over 2 GB get their weights in
+``<name>.onnx.data`` beside the graph. Then :mod:`export.validate` compares ONNX Runtime with PyTorch; past
+tolerance the file is kept as ``<stem>.failed.onnx`` and the command exits 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from model import cli
+from model.cli import UserError
+from model.gpt import GPT, sdpa_attention
+
+from .onnx_meta import make_hotpath_metadata
+from .validate import TOLERANCES, Tolerance, ValidationReport
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MIN_OPSET = 18  # the lowest opset torch's dynamo exporter writes
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
+EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 2, 3, 4  # all >= 2: dynamo specialises dims of size 0 and 1
+
+
+# ------------------------------------------------------------------------------------------------ graph
+class KVDecoder(nn.Module):
+    """The exported forward: (input_ids, attention_mask, position_ids, past) -> (logits fp32, presents)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        logits, presents = self.model(input_ids, past_key_values=[tuple(p) for p in past_key_values],
+                                      attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        return logits.float(), presents
+
+
+class LogitsOnly(nn.Module):
+    """The exported forward without a cache: (input_ids, attention_mask, position_ids) -> logits fp32."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids).float()
+
+
+def io_names(n_layer: int, kv_cache: bool = True) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the exported graph, in order."""
+    inputs, outputs = ["input_ids", "attention_mask", "position_ids"], ["logits"]
+    if kv_cache:
+        inputs += [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        outputs += [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return inputs, outputs
+
+
+def dynamic_shapes(n_layer: int, kv_cache: bool = True) -> dict[str, Any]:
+    """Named dynamic axes for torch.onnx.export (the names become the ONNX dim_params)."""
+    bt = {0: "batch", 1: "sequence_length"}
+    shapes: dict[str, Any] = {"input_ids": bt, "attention_mask": {0: "batch", 1: "total_sequence_length"},
+                              "position_ids": bt}
+    if kv_cache:
+        past = {0: "batch", 2: "past_sequence_length"}
+        shapes["past_key_values"] = [(past, past) for _ in range(n_layer)]
+    return shapes
+
+
+def example_inputs(config, kv_cache: bool, dtype: torch.dtype, device="cpu") -> tuple:
+    B, T = EXAMPLE_BATCH, EXAMPLE_NEW
+    P = EXAMPLE_PAST if kv_cache else 0
+    if config.block_size < P + T:
+        raise UserError(f"the model context of {config.block_size} is below {P + T} tokens; too small to export")
+    ids = torch.randint(0, config.vocab_size, (B, T), device=device)
+    mask = torch.ones(B, P + T, dtype=torch.long, device=device)
+    pos = torch.arange(P, P + T, device=device).expand(B, T).contiguous()
+    if not kv_cache:
+        return ids, mask, pos
+    shape = (B, config.n_kv_head, P, config.head_dim)
+    past = [(torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device))
+            for _ in range(config.n_layer)]
+    return ids, mask, pos, past
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Has something (kernels.patch) swapped an attention module's attn_fn? Checked without importing kernels."""
+    for module in model.modules():
+        fn = module.__dict__.get("attn_fn")
+        if fn is not None and fn is not sdpa_attention:
+            return True
+        if isinstance(module, nn.Softmax) and "forward" in module.__dict__:
+            return True
+    return False
+
+
+def translation_table(model: nn.Module) -> Optional[dict]:
+    """kernels.onnx_translation_table() for a patched model (None for a plain one, or without kernels)."""
+    if not is_patched(model):
+        return None
+    try:
+        import kernels
+    except ImportError:
+        return None
+    table = getattr(kernels, "onnx_translation_table", None)
+    return table() if table is not None else None
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's warnings and log lines (torchvision ops, dim renames); errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def export_program(model: GPT, *, kv_cache: bool = True, dtype: str = "fp32", opset: Optional[int] = None):
+    """torch.onnx.export (dynamo) of `model` in `dtype`; returns the onnx_ir Model (not yet saved)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    net = model
+    if DTYPES[dtype] != next(model.parameters()).dtype:
+        net = copy.deepcopy(model).to(DTYPES[dtype])
+    was_training = net.training
+    net.eval()
+    wrapper = KVDecoder(net) if kv_cache else LogitsOnly(net)
+    inputs, outputs = io_names(cfg.n_layer, kv_cache)
+    kwargs: dict[str, Any] = {}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    table = translation_table(net)
+    if table:
+        kwargs["custom_translation_table"] = table
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, example_inputs(cfg, kv_cache, DTYPES[dtype], device), dynamo=True,
+                dynamic_shapes=dynamic_shapes(cfg.n_layer, kv_cache), input_names=inputs, output_names=outputs,
+                verbose=False, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:  # the exporter raises many types; one line here, the traceback under --debug
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise UserError(f"torch.onnx.export failed ({type(e).__name__}: {first}); rerun with --debug for the "
+                        "traceback") from e
+    finally:
+        net.train(was_training)
+    ir_model = program.model
+    _name_total_length(ir_model)
+    return ir_model
+
+
+def _name_total_length(ir_model) -> None:
+    """present.* come out as (batch, kv, 'past_sequence_length + sequence_length', D): name that axis as the
+    attention mask's, total_sequence_length, the way ONNX Runtime GenAI and Optimum do."""
+    import onnx_ir as ir
+
+    for value in ir_model.graph.outputs:
+        if value.name.startswith("present.") and value.shape is not None and len(value.shape) == 4:
+            dims = list(value.shape)
+            dims[2] = ir.SymbolicDim("total_sequence_length")
+            value.shape = ir.Shape(dims)
+
+
+# ------------------------------------------------------------------------------------------------ files
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_weights(model: nn.Module) -> str:
+    """A hash of an in-memory model's weights (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def default_out_path(source: Path, dtype: str = "fp32") -> Path:
+    """Beside the input, the transform in the name: ckpt.pt -> ckpt.onnx, fp16: ckpt.fp16.onnx."""
+    return source.with_suffix(".onnx" if dtype == "fp32" else f".{dtype}.onnx")
+
+
+def failed_path(path: Path) -> Path:
+    """Where an export that failed validation is kept: model.onnx -> model.failed.onnx."""
+    return path.with_name(f"{path.stem}.failed{path.suffix or '.onnx'}")
+
+
+def data_path(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
+
+
+def save_model(ir_model, path: Path, *, external: Optional[bool] = None) -> list[Path]:
+    """Save an onnx_ir Model to `path` atomically: into a temporary folder beside it, then renamed into place (the
+    external data first, the graph last). external=None: external data only when the weights pass ~2 GB."""
+    import onnx_ir as ir
+
+    path = Path(path)
+    if external is None:
+        external = _initializer_bytes(ir_model) > EXTERNAL_DATA_BYTES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = tmpdir / path.name
+        ir.save(ir_model, tmp, external_data=data_path(path).name if external else None)
+        return _move_into_place(tmpdir, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _move_into_place(tmpdir: Path, path: Path, final: Optional[Path] = None) -> list[Path]:
+    """Move tmpdir/<path.name> (and its data files) to `final` (default `path`); the graph file last."""
+    final = final or path
+    moved = []
+    for f in sorted(tmpdir.iterdir()):
+        if f.name != path.name:
+            os.replace(f, final.parent / f.name)
+            moved.append(final.parent / f.name)
+    os.replace(tmpdir / path.name, final)
+    return [final, *moved]
+
+
+def _initializer_bytes(ir_model) -> int:
+    total = 0
+    for init in ir_model.graph.initializers.values():
+        if init.const_value is not None:
+            total += init.const_value.nbytes
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ API
+@dataclass
+class ExportReport:
+    path: Path  # the written file (``*.failed.onnx`` when validation failed)
+    ok: bool  # True when validation passed (or was skipped)
+    dtype: str
+    kv_cache: bool
+    opset: int
+    source_sha256: str
+    files: list[Path] = field(default_factory=list)  # the graph, then any external data
+    file_bytes: int = 0
+    external_data: bool = False
+    export_seconds: float = 0.0
+    validation: Optional[ValidationReport] = None
+
+    def summary(self) -> str:
+        size = f"{self.file_bytes / 1e6:.1f} MB" + (" (external data)" if self.external_data else "")
+        head = (f"{'wrote' if self.ok else 'FAILED validation, kept'} {self.path} ({size}, {self.dtype}, "
+                f"{'KV cache' if self.kv_cache else 'no KV cache'}, opset {self.opset}, "
+                f"exported in {self.export_seconds:.1f}s)")
+        if self.validation is None:
+            return head + "\n  validation skipped (--no-validate)"
+        v = self.validation
+        g, n = v.greedy
+        tail = (f"  summary: max|diff| {v.max_abs_diff:.2e}, top-1 {v.min_top1:.3f}, greedy {g}/{n}, "
+                f"validated in {v.seconds:.1f}s: {'PASS' if v.passed else 'FAIL'}")
+        return "\n".join([head, v.table(), tail])
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "ok": self.ok, "dtype": self.dtype, "kv_cache": self.kv_cache,
+                "opset": self.opset, "source_sha256": self.source_sha256, "files": [str(f) for f in self.files],
+                "file_bytes": self.file_bytes, "external_data": self.external_data,
+                "export_seconds": self.export_seconds,
+                "validation": self.validation.to_dict() if self.validation else None}
+
+
+def _load_source(checkpoint_or_model, tokenizer, meta):
+    """(model, tokenizer, meta, source path or None, sha256)."""
+    if isinstance(checkpoint_or_model, (str, os.PathLike)):
+        from model.checkpoint import load_checkpoint
+
+        path = cli.existing_file(checkpoint_or_model, "checkpoint")
+        model, tok, ckpt_meta = load_checkpoint(path)
+        return model, tokenizer or tok, meta if meta is not None else ckpt_meta, path, sha256_file(path)
+    if not isinstance(checkpoint_or_model, GPT):
+        raise TypeError(f"export_onnx takes a checkpoint path or a model.GPT, not {type(checkpoint_or_model)}")
+    if tokenizer is None:
+        raise ValueError("exporting an in-memory model needs its tokenizer (tokenizer=...): the .onnx carries it")
+    return checkpoint_or_model, tokenizer, dict(meta or {}), None, sha256_weights(checkpoint_or_model)
+
+
+def check_opset(opset: Optional[int]) -> None:
+    if opset is None:
+        return
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(f"--opset {opset} is outside {MIN_OPSET}..{newest}, what the dynamo exporter and this onnx "
+                        "write (omit --opset for the default)")
+
+
+def export_onnx(checkpoint_or_model, out_path=None, *, opset: Optional[int] = None, kv_cache: bool = True,
+                dtype: str = "fp32", validate: bool = True, tokenizer=None, meta: Optional[dict] = None,
+                tolerance: Optional[Tolerance] = None, progress=None) -> ExportReport:
+    """Export a checkpoint path or an in-memory ``model.GPT`` (then pass `tokenizer`) to ONNX, then validate it.
+
+    out_path: default beside the checkpoint (``ckpt.onnx``, fp16 ``ckpt.fp16.onnx``); required for a model.
+    Returns an ExportReport; when validation fails, ``report.ok`` is False and the file is kept as
+    ``<stem>.failed.onnx`` (``report.path``) — an existing good file at out_path is left untouched.
+    Raises UserError for bad input (missing/corrupt checkpoint, unknown dtype, opset out of range).
+    progress: a callable taking one status line (the CLI prints them), or None.
+    """
+    say = progress or (lambda _msg: None)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (use {' or '.join(DTYPES)})")
+    check_opset(opset)
+    model, tok, _meta, src_path, sha = _load_source(checkpoint_or_model, tokenizer, meta)
+    if out_path is None:
+        if src_path is None:
+            raise ValueError("out_path is required when exporting an in-memory model")
+        out_path = default_out_path(src_path, dtype)
+    out_path = Path(out_path)
+    if out_path.exists() and out_path.is_dir():
+        raise UserError(f"--out {out_path} is a folder (pass a file path ending in .onnx)")
+    cfg = model.config
+
+    say(f"exporting {src_path or 'model'} ({model.num_params() / 1e6:.2f}M params, {dtype}, "
+        f"{'KV cache' if kv_cache else 'no KV cache'}) with torch.onnx.export (dynamo)")
+    t0 = time.perf_counter()
+    ir_model = export_program(model, kv_cache=kv_cache, dtype=dtype, opset=opset)
+    for key, value in make_hotpath_metadata(cfg, tok, source_sha256=sha, kv_cache=kv_cache, dtype=dtype).items():
+        ir_model.metadata_props[key] = value
+    ir_model.doc_string = f"hotpath GPT decoder ({cfg.n_layer} layers, {dtype})"
+    opset_used = ir_model.opset_imports.get("", 0)
+    external = _initializer_bytes(ir_model) > EXTERNAL_DATA_BYTES
+
+    import onnx_ir as ir
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        tmp = tmpdir / out_path.name
+        ir.save(ir_model, tmp, external_data=data_path(out_path).name if external else None)
+        del ir_model
+        export_seconds = time.perf_counter() - t0
+        report = ExportReport(path=out_path, ok=True, dtype=dtype, kv_cache=kv_cache, opset=opset_used,
+                              source_sha256=sha, external_data=external, export_seconds=export_seconds,
+                              file_bytes=sum(f.stat().st_size for f in tmpdir.iterdir()))
+        if validate:
+            from .onnx_runtime import OnnxDecoder
+            from .validate import validate_decoder
+
+            say("validating: ONNX Runtime against PyTorch (random inputs, left padding, corpus text, greedy 32)")
+            decoder = OnnxDecoder(tmp, providers=["CPUExecutionProvider"])
+            report.validation = validate_decoder(decoder, model, tok, dtype,
+                                                 tolerance=tolerance or TOLERANCES[dtype])
+            del decoder
+            report.ok = report.validation.passed
+        final = out_path if report.ok else failed_path(out_path)
+        report.files = _move_into_place(tmpdir, out_path, final)
+        report.path = final
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser():
+    p = cli.parser("python -m export.to_onnx", "Export a hotpath checkpoint to ONNX (KV-cache decoder), validated "
+                   "against PyTorch with ONNX Runtime.")
+    p.add_argument("checkpoint", help="a hotpath checkpoint (.pt or .safetensors)")
+    p.add_argument("--out", default=None, help="output .onnx (default: beside the checkpoint, ckpt.onnx / "
+                   "ckpt.fp16.onnx)")
+    p.add_argument("--opset", type=int, default=None, help=f"ONNX opset (>= {MIN_OPSET}; default: the exporter's)")
+    p.add_argument("--no-kv-cache", action="store_true", help="export a logits-only graph without past/present")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16 (weights, activations and KV cache)")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {args.dtype!r} (use --dtype fp32 or --dtype fp16)")
+    check_opset(args.opset)
+    cli.existing_file(args.checkpoint, "checkpoint")
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    report = export_onnx(args.checkpoint, args.out, opset=args.opset, kv_cache=not args.no_kv_cache,
+                         dtype=args.dtype, validate=not args.no_validate, progress=progress)
+    print(report.summary())
+    if args.json:
+        import json
+
+        with cli.atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2))
+    if not report.ok:
+        print(f"error: {report.path} failed validation against PyTorch (see the table above; the file is kept "
+              "for inspection)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
