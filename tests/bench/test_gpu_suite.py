@@ -124,6 +124,12 @@ def test_eager_and_in_dtype_attention_match_reference():
     torch.testing.assert_close(gs.attention_in_dtype(q, k, v, True, 0.3), want)
 
 
+def test_machine_info_on_cpu():
+    info = gs.machine_info()
+    assert info["torch"] == torch.__version__ and info["cpu"] and info["cpu_count"] >= 1
+    json.dumps(info, default=str)
+
+
 def test_sections_and_cli_without_gpu(tmp_path, capsys, monkeypatch):
     assert [n for n, _ in gs.parse_sections(None)][0] == "attention"
     assert [n for n, _ in gs.parse_sections("attention")] == ["attention"]
