@@ -1,0 +1,125 @@
+"""ONNX modes through ONNX Runtime's tools: outputs load in export's OnnxDecoder (what serve runs), keep the
+hotpath metadata, and stay close to fp32 (SQNR of logits, perplexity delta); calibration cache reuse; CLI report."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from quantize import perplexity_onnx, quantize_onnx
+from quantize import report as R
+
+from .conftest import FAST, sqnr_db
+
+# fp16 and int8 keep logits close; 4-bit weights on a 64-wide model are coarser
+MIN_SQNR = {"fp16": 40, "int8-dynamic": 15, "int8-static": 12, "int4-weight": 8}
+MAX_PPL_INCREASE = {"fp16": 0.5, "int8-dynamic": 5, "int8-static": 8, "int4-weight": 15}
+
+
+def _decoder(path):
+    from export.onnx_runtime import OnnxDecoder
+
+    return OnnxDecoder(path, threads=2)
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tiny_onnx):
+    dec = _decoder(tiny_onnx)
+    ids = np.random.default_rng(0).integers(0, dec.config.vocab_size, (2, 24))
+    logits, _ = dec.forward(ids, np.ones_like(ids), np.broadcast_to(np.arange(24), (2, 24)).copy(), dec.empty_past(2))
+    return ids, logits, perplexity_onnx(tiny_onnx, windows=4, corpus_bytes=400_000)["ppl"]
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8-dynamic", "int8-static", "int4-weight"])
+def test_mode_runs_in_ort_with_kv_cache(tiny_onnx, fp32_run, mode, tmp_path):
+    ids, ref_logits, ref_ppl = fp32_run
+    out = quantize_onnx(tiny_onnx, mode, out=tmp_path / f"tiny.{mode}.onnx", calib_samples=4, corpus_bytes=400_000)
+    assert out.exists() and out.name == f"tiny.{mode}.onnx"
+    props = R.read_props(out)
+    src_props = R.read_props(tiny_onnx)
+    for key in ("hotpath.config", "hotpath.tokenizer", "hotpath.version", "hotpath.source_sha256", "hotpath.kv_cache"):
+        assert props[key] == src_props[key], key
+    assert json.loads(props["hotpath.quantization"])["mode"] == mode
+    dec = _decoder(out)
+    assert dec.dtype == (np.float16 if mode == "fp16" else np.float32)
+    assert props["hotpath.dtype"] == ("fp16" if mode == "fp16" else "fp32")
+    # prefill 16 tokens, then 8 cached decode steps: the same logits as one pass (the cache works)
+    B, T = ids.shape
+    pos = np.broadcast_to(np.arange(T), (B, T)).copy()
+    full, _ = dec.forward(ids, np.ones_like(ids), pos, dec.empty_past(B))
+    assert full.dtype == np.float32 and full.shape == ref_logits.shape
+    logits, past = dec.forward(ids[:, :16], np.ones((B, 16), np.int64), pos[:, :16], dec.empty_past(B))
+    steps = [logits]
+    for t in range(16, T):
+        logits, past = dec.forward(ids[:, t:t + 1], np.ones((B, t + 1), np.int64), pos[:, t:t + 1], past)
+        steps.append(logits)
+    assert sqnr_db(full, np.concatenate(steps, axis=1)) > (25 if mode.startswith("int8") else 35)
+    assert sqnr_db(ref_logits, full) > MIN_SQNR[mode]
+    ppl = perplexity_onnx(out, windows=4, corpus_bytes=400_000)["ppl"]
+    assert 100 * (ppl / ref_ppl - 1) < MAX_PPL_INCREASE[mode]
+
+
+def test_quantized_files_are_smaller(tiny_onnx, tmp_path):
+    size = R.file_bytes(tiny_onnx)
+    int8 = quantize_onnx(tiny_onnx, "int8-dynamic", out=tmp_path / "d.onnx")
+    int4 = quantize_onnx(tiny_onnx, "int4-weight", out=tmp_path / "w4.onnx")
+    assert R.file_bytes(int8) < 0.6 * size
+    assert R.file_bytes(int4) < R.file_bytes(int8)
+    graph = onnx.load(str(int4)).graph
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= {n.op_type for n in graph.node}
+
+
+def test_static_is_qdq_symmetric_and_reuses_calibration(tiny_onnx, tmp_path):
+    out = tmp_path / "s.onnx"
+    quantize_onnx(tiny_onnx, "int8-static", out=out, calib_samples=4, calib_method="entropy", corpus_bytes=400_000)
+    details = json.loads(R.read_props(out)["hotpath.quantization"])
+    cache = details["calibration"]["cache"]
+    assert details["calibration"]["reused"] is False and cache.endswith(".calib-entropy-4.json")
+    model = onnx.load(str(out))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # Q/DQ format, as TensorRT consumes
+    zero_points = [i for i in model.graph.initializer if i.name.endswith("_zero_point")]
+    assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)  # symmetric
+    assert any(onnx.numpy_helper.to_array(i).ndim == 1 and onnx.numpy_helper.to_array(i).size > 1
+               for i in model.graph.initializer if i.name.endswith("_scale"))  # per-channel weight scales
+    # second run: the ranges come from the cache, no calibration pass, same graph
+    quantize_onnx(tiny_onnx, "int8-static", out=out, calib_samples=4, calib_method="entropy", corpus=["/nonexistent"])
+    again = json.loads(R.read_props(out)["hotpath.quantization"])
+    assert again["calibration"]["reused"] is True
+
+
+def test_exclude_keeps_nodes_in_float(tiny_onnx, tmp_path):
+    from quantize.onnx_quant import match_nodes, pre_process
+
+    pre = onnx.load(str(pre_process(tiny_onnx, tmp_path / "pre.onnx")))
+    matmuls = [n.name for n in pre.graph.node if n.op_type == "MatMul"]
+    last = matmuls[-1]  # the language-model head
+    out = quantize_onnx(tiny_onnx, "int8-dynamic", out=tmp_path / "x.onnx", exclude=[last])
+    names = {n.name for n in onnx.load(str(out)).graph.node}
+    assert last in names  # still a float MatMul under its own name
+    assert match_nodes(pre, [last]) == [last]
+
+
+def test_cli_reports_and_gates(tiny_onnx, tmp_path, capsys):
+    from quantize.__main__ import main
+
+    out = tmp_path / "g.onnx"
+    assert main([str(tiny_onnx), "--mode", "int8-dynamic", "--out", str(out), "--eval-windows", "4",
+                 "--corpus-bytes", "400000", "--latency-repeats", "1", "--max-ppl-increase", "50"]) == 0
+    text = capsys.readouterr().out
+    for word in ("file size", "perplexity", "top-1 agrees", "latency", "x faster" if "faster" in text else "x slower"):
+        assert word in text
+    # a gate below any possible change fails with exit 1 and says by how much
+    assert main([str(tiny_onnx), "--mode", "int8-dynamic", "--out", str(out), "--eval-windows", "4",
+                 "--corpus-bytes", "400000", "--latency-repeats", "0", "--max-ppl-increase", "-99"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: perplexity rose") and "over --max-ppl-increase -99%" in err
+    r = json.loads(_json_run(main, tiny_onnx, out, capsys))
+    assert {"size_before", "size_after", "ppl_before", "ppl_after", "top1_agreement", "latency"} <= set(r)
+    assert r["latency"]["shape"] == [8, 64]  # batch 8 x the tiny context
+
+
+def _json_run(main, src, out, capsys):
+    assert main([str(src), "--mode", "fp16", "--out", str(out), "--eval-windows", "2", "--corpus-bytes", "400000",
+                 "--latency-repeats", "1", "--json"]) == 0
+    return capsys.readouterr().out
