@@ -1,12 +1,12 @@
-"""TensorRT backend: a thin adapter over `export.trt_runtime.TrtEngine` (a built `.plan` of the exported decoder).
+"""TensorRT backend: a thin adapter over `export.trt_runtime.TrtEngine` (a `.plan` built by `python -m export.to_trt`).
 
 The engine takes the same tensors as the exported ONNX decoder, by name: `input_ids`, `attention_mask`,
-`position_ids`, `past_key_values.{i}.key|value` -> `logits`, `present.{i}.key|value`. The plan holds no tokenizer or
-config, so they come from the ONNX file the plan was built from (`--tokenizer-from model.onnx`, default: the
-`.onnx` beside the plan with the same stem) or from a hotpath checkpoint.
+`position_ids`, `past_key_values.{i}.key|value` -> `logits`, `present.{i}.key|value` (torch CUDA tensors). The model
+config comes from the plan's JSON (`model.plan.json`, written by export); the tokenizer, which a plan does not hold,
+from the ONNX file the plan was built from (recorded in that JSON), or `--tokenizer-from MODEL.onnx|ckpt.pt`.
 
-TensorRT cannot be installed on a machine without NVIDIA's index and a GPU; constructing this backend there fails
-with one clear `UserError` from `TrtEngine`, never a traceback.
+TensorRT has never run on hotpath's development machines (no NVIDIA index, no GPU): constructing this backend there
+fails with one clear `UserError` from `TrtEngine` (missing JSON, TensorRT not installed, no GPU), never a traceback.
 """
 from __future__ import annotations
 
@@ -20,13 +20,21 @@ from model.cli import UserError
 from .base import BaseBackend, KVCache, eos_of
 
 
-def _companion(plan: Path, given: Optional[str]) -> Path:
-    if given:
-        return Path(given)
-    for cand in (plan.with_suffix(".onnx"), plan.with_suffix(".pt")):
-        if cand.exists():
-            return cand
-    raise UserError(f"no tokenizer/config for {plan} (pass --tokenizer-from MODEL.onnx or a .pt checkpoint)")
+def _tokenizer(plan: Path, meta: dict, given: Optional[str]):
+    recorded = (meta.get("onnx") or {}).get("path")
+    for cand in [Path(given)] if given else [Path(recorded) if recorded else None, plan.with_suffix(".onnx")]:
+        if cand is None or not cand.exists():
+            continue
+        if cand.suffix == ".onnx":
+            from export.onnx_meta import read_hotpath_metadata, tokenizer_of
+
+            return tokenizer_of(read_hotpath_metadata(cand))
+        from model.checkpoint import read_checkpoint
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(read_checkpoint(cand)["tokenizer"])
+    raise UserError(f"no tokenizer for {plan.name}: the ONNX it was built from ({recorded}) is gone "
+                    "(pass --tokenizer-from MODEL.onnx or a .pt checkpoint)")
 
 
 class TensorRTBackend(BaseBackend):
@@ -35,35 +43,27 @@ class TensorRTBackend(BaseBackend):
     def __init__(self, path: str | Path, *, tokenizer_from: Optional[str] = None):
         path = Path(path)
         try:
+            from export.onnx_meta import gpt_config
             from export.trt_runtime import TrtEngine
         except ImportError as e:
-            raise UserError(f"the TensorRT backend needs export.trt_runtime and the tensorrt package ({e}); "
-                            "install TensorRT from NVIDIA on a GPU machine, or serve the .onnx with "
-                            "--backend onnxruntime") from e
+            raise UserError(f"the TensorRT backend needs export.trt_runtime ({e}); update hotpath, or serve the "
+                            ".onnx with --backend onnxruntime") from e
         try:
-            self.engine = TrtEngine(str(path))  # export's runner raises UserError without tensorrt / GPU / plan
+            self.engine = TrtEngine(str(path))  # export's runner: UserError without its JSON, tensorrt or a GPU
         except UserError:
             raise
         except (ImportError, OSError, RuntimeError) as e:
             raise UserError(f"cannot load TensorRT engine {path} ({type(e).__name__}: {e}); it needs the tensorrt "
                             "package and a CUDA GPU (serve the .onnx with --backend onnxruntime instead)") from e
-        src = _companion(path, tokenizer_from)
-        if src.suffix == ".onnx":
-            from export.onnx_runtime import OnnxDecoder
-
-            dec = OnnxDecoder(str(src))
-            cfg, self.tokenizer = dec.config, dec.tokenizer
-            self._dtype = torch.float16 if "16" in str(dec.dtype) else torch.float32
-        else:
-            from model.checkpoint import load_checkpoint
-
-            m, self.tokenizer, _ = load_checkpoint(src)
-            cfg, self._dtype = m.config, torch.float32
+        meta = self.engine.metadata
+        cfg = gpt_config(meta)
+        self.tokenizer = _tokenizer(path, meta, tokenizer_from)
+        self._dtype = torch.float16 if (meta.get("onnx") or {}).get("dtype") == "fp16" else torch.float32
         self.n_layer, self.kv_heads, self.head_dim = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
         self.vocab_size, self.max_context = cfg.vocab_size, cfg.block_size
         self.eos_id = eos_of(self.tokenizer)
-        self.device = torch.device("cuda")
-        self.description = f"tensorrt ({path.name})"
+        self.device = self.engine.device
+        self.description = f"tensorrt ({meta.get('precision', '?')}, {meta.get('gpu', {}).get('name', '?')}, {path.name})"
 
     def forward(self, input_ids, attention_mask, position_ids, past: Optional[KVCache]):
         dev = self.device
