@@ -72,12 +72,13 @@ if tl is not None:
         table_ptr,  # int64: (_N_ROWS, n_tensors) addresses / lengths, then chunk tensor ids, then chunk indices
         param_like_ptr, grad_like_ptr,  # any tensor of the parameter / gradient dtype (types the raw addresses)
         found_inf_ptr, grad_scale_ptr,  # fp32 scalars (GradScaler), read only when HAS_* is set
-        n_tensors, n_chunks,
+        n_tensors, n_chunks, chunk_base,  # this launch runs chunk entries chunk_base .. chunk_base + grid - 1
         lr, decay, beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps,
         AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
         HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+        EVEN: tl.constexpr,  # every chunk of this launch is a full BLOCK: no bounds mask, vectorised accesses
     ):
-        pid = tl.program_id(0)
+        pid = chunk_base + tl.program_id(0)
         t = tl.load(table_ptr + 8 * n_tensors + pid)  # which tensor
         chunk = tl.load(table_ptr + 8 * n_tensors + n_chunks + pid)  # which chunk of it
         numel = tl.load(table_ptr + 7 * n_tensors + t)
@@ -92,10 +93,13 @@ if tl is not None:
             m_ptr = tl.multiple_of(m_ptr, 16)
             v_ptr = tl.multiple_of(v_ptr, 16)
 
-        if HAS_FOUND_INF:  # GradScaler saw inf/NaN: an empty range masks off every load and store
-            numel = tl.where(tl.load(found_inf_ptr) == 0.0, numel, 0)
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
+        if EVEN:
+            mask = tl.full([BLOCK], 1, tl.int1)  # uniform over the block, so it does not stop vectorisation
+        else:
+            mask = offs < numel
+        if HAS_FOUND_INF:  # GradScaler saw inf/NaN: mask off every load and store (a uniform predicate)
+            mask = mask & ((tl.zeros([BLOCK], tl.float32) + tl.load(found_inf_ptr)) == 0.0)
 
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GRAD_SCALE:
@@ -188,7 +192,8 @@ def adamw_multi_tensor(
     found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None,
     cache: Optional[_TableCache] = None, block: int = _BLOCK,
 ) -> None:
-    """One Triton launch updating every tensor in place (steps must already be incremented).
+    """Update every tensor in place with two Triton launches: all full chunks (unmasked, vectorised), then the
+    partial tail chunks (masked). Steps must already be incremented.
 
     All params share one device, dtype and gradient dtype; every tensor is contiguous; states are fp32.
     """
@@ -212,26 +217,33 @@ def adamw_multi_tensor(
     key = (block, *chain.from_iterable(rows))
 
     def build():
-        tensor_ids = list(chain.from_iterable([i] * c for i, c in enumerate(chunks)))
-        chunk_ids = list(chain.from_iterable(range(c) for c in chunks))
-        return list(chain.from_iterable(rows)) + tensor_ids + chunk_ids
+        # chunk entries: every full chunk first (launched with EVEN), then the partial tail chunks
+        full = [(i, c) for i, numel in enumerate(numels) for c in range(numel // block)]
+        tail = [(i, numel // block) for i, numel in enumerate(numels) if numel % block]
+        entries = full + tail
+        return list(chain.from_iterable(rows)) + [i for i, _ in entries] + [c for _, c in entries]
 
     table = (cache or _TableCache()).get(key, device, build)
     n_chunks = sum(chunks)
+    n_full = sum(numel // block for numel in numels)
     if n_chunks == 0:
         return
     aligned = all(a % 16 == 0 for row in rows[:6] for a in row if a)
     dummy = steps[0]  # typed stand-in for absent scalar tensors (never read)
-    _kernels(interpreting())[(n_chunks,)](
-        table, params[0], grads[0],
-        found_inf if found_inf is not None else dummy, grad_scale if grad_scale is not None else dummy,
-        n, n_chunks,
-        float(lr), 1.0 - lr * weight_decay, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2,
-        _log(beta1), _log(beta2), float(eps),
-        AMSGRAD=max_exp_avg_sqs is not None, MAXIMIZE=bool(maximize), MASTER=masters is not None,
-        HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        ALIGNED=aligned and not interpreting(), BLOCK=block, num_warps=_NUM_WARPS,
-    )
+    kernel = _kernels(interpreting())
+    for grid, base, even in ((n_full, 0, True), (n_chunks - n_full, n_full, False)):
+        if grid == 0:
+            continue
+        kernel[(grid,)](
+            table, params[0], grads[0],
+            found_inf if found_inf is not None else dummy, grad_scale if grad_scale is not None else dummy,
+            n, n_chunks, base,
+            float(lr), 1.0 - lr * weight_decay, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2,
+            _log(beta1), _log(beta2), float(eps),
+            AMSGRAD=max_exp_avg_sqs is not None, MAXIMIZE=bool(maximize), MASTER=masters is not None,
+            HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            ALIGNED=aligned and not interpreting(), BLOCK=block, EVEN=even, num_warps=_NUM_WARPS,
+        )
 
 
 def _log(beta: float) -> float:

@@ -64,7 +64,7 @@ if tl is not None:
 
     def _softmax_fwd_kernel(
         x_ptr, y_ptr, stride_x, stride_y, N, T, scale_log2e,
-        CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+        CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, EVEN_N: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
@@ -73,10 +73,14 @@ if tl is not None:
             limit = tl.minimum(tl.maximum((row % T) + (N - T) + 1, 0), N)
         else:
             limit = N + row * 0
+        if EVEN_N:  # N % 16 == 0: round the load bound up to 16 columns so the masked loads stay vectorised
+            load_limit = tl.multiple_of(tl.minimum((limit + 15) // 16 * 16, N), 16)
+        else:
+            load_limit = limit
         cols = tl.arange(0, BLOCK)
         if SINGLE:
             vis = cols < limit
-            z = tl.load(x_row + cols, mask=vis, other=0.0).to(tl.float32) * scale_log2e
+            z = tl.load(x_row + cols, mask=cols < load_limit, other=0.0).to(tl.float32) * scale_log2e
             z = tl.where(vis, z, float("-inf"))
             m = tl.max(z, axis=0)
             m = tl.where(m == float("-inf"), 0.0, m)  # fully masked row: exp2(-inf) = 0, no NaN
@@ -91,7 +95,7 @@ if tl is not None:
             for start in range(0, limit, BLOCK):
                 c = start + cols
                 vis = c < limit
-                z = tl.load(x_row + c, mask=vis, other=0.0).to(tl.float32) * scale_log2e
+                z = tl.load(x_row + c, mask=c < load_limit, other=0.0).to(tl.float32) * scale_log2e
                 z = tl.where(vis, z, float("-inf"))
                 m_new = tl.maximum(m_i, z)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -105,13 +109,13 @@ if tl is not None:
             for start in range(0, N, BLOCK):
                 c = start + cols
                 vis = c < limit
-                z = tl.load(x_row + c, mask=vis, other=0.0).to(tl.float32) * scale_log2e
+                z = tl.load(x_row + c, mask=c < load_limit, other=0.0).to(tl.float32) * scale_log2e
                 z = tl.where(vis, z, float("-inf"))
                 tl.store(y_row + c, (tl.exp2(z - m) * inv).to(y_ptr.dtype.element_ty), mask=c < N)
 
     def _softmax_bwd_kernel(
         y_ptr, dy_ptr, dx_ptr, stride_y, stride_dy, stride_dx, N, T, scale,
-        CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+        CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, EVEN_N: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         y_row = y_ptr + row * stride_y
@@ -122,11 +126,15 @@ if tl is not None:
             limit = tl.minimum(tl.maximum((row % T) + (N - T) + 1, 0), N)
         else:
             limit = N + row * 0
+        if EVEN_N:  # N % 16 == 0: round the load bound up to 16 columns so the masked loads stay vectorised
+            load_limit = tl.multiple_of(tl.minimum((limit + 15) // 16 * 16, N), 16)
+        else:
+            load_limit = limit
         cols = tl.arange(0, BLOCK)
         if SINGLE:
             vis = cols < limit
-            y = tl.load(y_row + cols, mask=vis, other=0.0).to(tl.float32)
-            dy = tl.load(dy_row + cols, mask=vis, other=0.0).to(tl.float32)
+            y = tl.where(vis, tl.load(y_row + cols, mask=cols < load_limit, other=0.0).to(tl.float32), 0.0)
+            dy = tl.where(vis, tl.load(dy_row + cols, mask=cols < load_limit, other=0.0).to(tl.float32), 0.0)
             s = tl.sum(y * dy, axis=0)
             dx = scale * y * (dy - s)
             tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < N)
@@ -135,15 +143,15 @@ if tl is not None:
             for start in range(0, limit, BLOCK):
                 c = start + cols
                 vis = c < limit
-                y = tl.load(y_row + c, mask=vis, other=0.0).to(tl.float32)
-                dy = tl.load(dy_row + c, mask=vis, other=0.0).to(tl.float32)
+                y = tl.where(vis, tl.load(y_row + c, mask=c < load_limit, other=0.0).to(tl.float32), 0.0)
+                dy = tl.where(vis, tl.load(dy_row + c, mask=c < load_limit, other=0.0).to(tl.float32), 0.0)
                 acc += y * dy
             s = tl.sum(acc, axis=0)
             for start in range(0, N, BLOCK):
                 c = start + cols
                 vis = c < limit
-                y = tl.load(y_row + c, mask=vis, other=0.0).to(tl.float32)
-                dy = tl.load(dy_row + c, mask=vis, other=0.0).to(tl.float32)
+                y = tl.where(vis, tl.load(y_row + c, mask=c < load_limit, other=0.0).to(tl.float32), 0.0)
+                dy = tl.where(vis, tl.load(dy_row + c, mask=c < load_limit, other=0.0).to(tl.float32), 0.0)
                 dx = scale * y * (dy - s)
                 tl.store(dx_row + c, dx.to(dx_ptr.dtype.element_ty), mask=c < N)
 
@@ -197,7 +205,7 @@ def softmax_forward(x: torch.Tensor, scale: float = 1.0, causal: bool = False) -
     block, single, num_warps = _launch_config(N)
     _kernels(interpreting()).fwd[(x2.shape[0],)](
         x2, y2, x2.stride(0), y2.stride(0), N, T, float(scale) * _LOG2E,
-        CAUSAL=bool(causal), BLOCK=block, SINGLE=single, num_warps=num_warps,
+        CAUSAL=bool(causal), BLOCK=block, SINGLE=single, EVEN_N=N % 16 == 0, num_warps=num_warps,
     )
     return y
 
@@ -213,7 +221,7 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, scale: float = 1.0, caus
     block, single, num_warps = _launch_config(N)
     _kernels(interpreting()).bwd[(y2.shape[0],)](
         y2, dy2, dx2, y2.stride(0), dy2.stride(0), dx2.stride(0), N, T, float(scale),
-        CAUSAL=bool(causal), BLOCK=block, SINGLE=single, num_warps=num_warps,
+        CAUSAL=bool(causal), BLOCK=block, SINGLE=single, EVEN_N=N % 16 == 0, num_warps=num_warps,
     )
     return dx
 
