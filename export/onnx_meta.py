@@ -9,7 +9,7 @@ Every `.onnx` hotpath writes (export, and quantize, which copies these props ont
 ``hotpath.version``          the hotpath version that wrote the file
 ``hotpath.source_sha256``    SHA-256 of the source checkpoint file (or of the weights, for an in-memory model)
 ``hotpath.kv_cache``         ``"1"``: a decoder with past/present key-values; ``"0"``: logits only
-``hotpath.dtype``            ``"fp32"`` or ``"fp16"``: the precision of the weights and the KV cache
+``hotpath.dtype``            ``"fp32"``, ``"fp16"`` (or ``"bf16"``, for TensorRT): weights and KV cache
 ===========================  =====================================================================
 
 Reading needs only ``onnx`` (``load_external_data=False``: the weights are not read) or an ONNX Runtime session's
@@ -29,7 +29,7 @@ CONFIG, TOKENIZER, VERSION, SOURCE_SHA256, KV_CACHE, DTYPE = (
     "hotpath.config", "hotpath.tokenizer", "hotpath.version", "hotpath.source_sha256", "hotpath.kv_cache",
     "hotpath.dtype")
 REQUIRED = (CONFIG, TOKENIZER, KV_CACHE)
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 def hotpath_version() -> str:

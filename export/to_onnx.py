@@ -47,7 +47,7 @@ from model.gpt import GPT, sdpa_attention
 from .onnx_meta import make_hotpath_metadata
 from .validate import TOLERANCES, Tolerance, ValidationReport
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIN_OPSET = 18  # the lowest opset torch's dynamo exporter writes
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
 EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 2, 3, 4  # all >= 2: dynamo specialises dims of size 0 and 1
@@ -286,6 +286,7 @@ class ExportReport:
     external_data: bool = False
     export_seconds: float = 0.0
     validation: Optional[ValidationReport] = None
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         size = f"{self.file_bytes / 1e6:.1f} MB" + (" (external data)" if self.external_data else "")
@@ -293,7 +294,8 @@ class ExportReport:
                 f"{'KV cache' if self.kv_cache else 'no KV cache'}, opset {self.opset}, "
                 f"exported in {self.export_seconds:.1f}s)")
         if self.validation is None:
-            return head + "\n  validation skipped (--no-validate)"
+            lines = [f"  note: {n}" for n in self.notes] or ["  validation skipped (--no-validate)"]
+            return "\n".join([head, *lines])
         v = self.validation
         g, n = v.greedy
         tail = (f"  summary: max|diff| {v.max_abs_diff:.2e}, top-1 {v.min_top1:.3f}, greedy {g}/{n}, "
@@ -304,7 +306,7 @@ class ExportReport:
         return {"path": str(self.path), "ok": self.ok, "dtype": self.dtype, "kv_cache": self.kv_cache,
                 "opset": self.opset, "source_sha256": self.source_sha256, "files": [str(f) for f in self.files],
                 "file_bytes": self.file_bytes, "external_data": self.external_data,
-                "export_seconds": self.export_seconds,
+                "export_seconds": self.export_seconds, "notes": list(self.notes),
                 "validation": self.validation.to_dict() if self.validation else None}
 
 
@@ -347,7 +349,11 @@ def export_onnx(checkpoint_or_model, out_path=None, *, opset: Optional[int] = No
     """
     say = progress or (lambda _msg: None)
     if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (use {' or '.join(DTYPES)})")
+        raise UserError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    notes = []
+    if dtype == "bf16" and validate:
+        validate = False
+        notes.append("bf16 is not validated: ONNX Runtime's CPU provider has no bf16 kernels (TensorRT builds it)")
     check_opset(opset)
     model, tok, _meta, src_path, sha = _load_source(checkpoint_or_model, tokenizer, meta)
     if out_path is None:
@@ -380,7 +386,7 @@ def export_onnx(checkpoint_or_model, out_path=None, *, opset: Optional[int] = No
         export_seconds = time.perf_counter() - t0
         report = ExportReport(path=out_path, ok=True, dtype=dtype, kv_cache=kv_cache, opset=opset_used,
                               source_sha256=sha, external_data=external, export_seconds=export_seconds,
-                              file_bytes=sum(f.stat().st_size for f in tmpdir.iterdir()))
+                              file_bytes=sum(f.stat().st_size for f in tmpdir.iterdir()), notes=notes)
         if validate:
             from .onnx_runtime import OnnxDecoder
             from .validate import validate_decoder
@@ -408,7 +414,8 @@ def build_parser():
                    "ckpt.fp16.onnx)")
     p.add_argument("--opset", type=int, default=None, help=f"ONNX opset (>= {MIN_OPSET}; default: the exporter's)")
     p.add_argument("--no-kv-cache", action="store_true", help="export a logits-only graph without past/present")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16 (weights, activations and KV cache)")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16 (weights, activations and KV cache); "
+                   "bf16 is written for TensorRT but cannot be validated with ONNX Runtime on CPU")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")
     return p
@@ -418,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dtype not in DTYPES:
         raise UserError(f"unknown dtype {args.dtype!r} (use --dtype fp32 or --dtype fp16)")
+    if args.dtype == "bf16":
+        print("note: bf16 exports are not validated (ONNX Runtime's CPU provider has no bf16 kernels)",
+              file=sys.stderr)
     check_opset(args.opset)
     cli.existing_file(args.checkpoint, "checkpoint")
 
