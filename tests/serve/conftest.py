@@ -78,6 +78,16 @@ def tiny_server(tiny_ckpt):
     assert rc == 0, srv.output()
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint exported by export/ (KV-cache decoder, fp32); its validation is export's tests' job."""
+    from export.to_onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(tiny_ckpt, out, validate=False)
+    return out
+
+
 # Iterating on these tests without retraining: HOTPATH_TINY_CKPT=path/to/tiny.pt (trained with the same flags as
 # tests/conftest.py's tiny_ckpt) replaces the session's freshly trained tiny checkpoint for tests/serve only.
 _PRETRAINED_TINY = os.environ.get("HOTPATH_TINY_CKPT")

@@ -37,15 +37,6 @@ def refs(model, tok):
     return [generate(model, tok.encode(p).ids, m) for p, m in zip(PROMPTS, MAX_TOKENS)]
 
 
-@pytest.fixture(scope="session")
-def tiny_onnx(tiny_ckpt, tmp_path_factory):
-    from export.to_onnx import export_onnx
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    report = export_onnx(tiny_ckpt, out, validate=False)
-    return report.path if getattr(report, "path", None) else out
-
-
 def test_onnxruntime_backend_matches_generate(tiny_model, tiny_onnx):
     model, tok, _ = tiny_model
     backend = load_backend(tiny_onnx)
