@@ -202,6 +202,7 @@ def _run(model, opt, batches):
     return losses
 
 
+@pytest.mark.slow  # ~30-50 s: 30 training steps with the attention and optimizer kernels in the interpreter
 def test_convergence_patch_and_fused_adamw_track_the_reference():
     ref = _tiny(seed=1)
     fused_model = kernels.patch(copy.deepcopy(ref))
