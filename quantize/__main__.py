@@ -29,6 +29,8 @@ def build_parser():
     g.add_argument("--calib-cache", default=None,
                    help="calibration ranges (JSON) to reuse or write (default: beside the output)")
     g.add_argument("--recalibrate", action="store_true", help="ignore an existing calibration cache")
+    g.add_argument("--quantize-attention", action="store_true",
+                   help="also Q/DQ the attention matmuls (activation x activation); default: kept in float")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE",
                    help="node names, globs ('*lm_head*') or op types kept in floating point")
     p.add_argument("--block-size", type=int, default=32, help="int4-weight: weights per quantization block")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {}
     if args.mode == "int8-static":
         opts.update(calib_method=args.calib_method, calib_samples=args.calib_samples, calib_cache=args.calib_cache,
-                    recalibrate=args.recalibrate)
+                    recalibrate=args.recalibrate, quantize_attention=args.quantize_attention)
     if args.mode == "int4-weight":
         opts.update(block_size=args.block_size, accuracy_level=args.accuracy_level or None)
     if args.exclude:
