@@ -1,4 +1,4 @@
-"""FusedAdamW: AdamW (decoupled weight decay) updating every parameter of a group in one multi-tensor launch.
+"""FusedAdamW: AdamW (decoupled weight decay) updating every parameter of a group in a few multi-tensor launches.
 
 Math (per element, fp32 whatever the parameter dtype; ``t`` is the parameter's step count *after* increment)::
 
@@ -21,8 +21,12 @@ Design:
   tensor's param / grad / state / step, its length, and a (tensor, chunk) pair per program -- copies it to the
   device in one transfer and launches one program per ``BLOCK`` chunk of any tensor. The table is cached by its
   addresses, so a steady-state step (or a CUDA-graph capture after warm-up) does no host-to-device copy.
-  One launch per (device, parameter dtype, gradient dtype, master) bucket of a group, plus one ``_foreach_add_``
-  for the step counts: "a few launches" for a whole model.
+  Per (device, parameter dtype, gradient dtype, master) bucket of a group: one launch for every full chunk
+  (no bounds mask, so with 16-byte aligned tensors -- hinted with ``tl.multiple_of`` on the table's addresses --
+  every access is a 16-byte vector) and one for the partial tail chunks, plus one ``_foreach_add_`` for the step
+  counts: a few launches for a whole model.
+- Host cost: a step walks the parameters in Python (~200 tensors for GPT-2) to build the buckets and the table
+  key; when that approaches the kernel time, capture the step in a CUDA graph (see docs/kernels.md).
 - Step counts are fp32 0-dim tensors on the parameter's device (as torch's fused/capturable AdamW keeps them), so
   nothing syncs with the host and the step can be captured in a CUDA graph. ``lr`` and the other
   hyper-parameters are read from the group at each ``step()`` (schedulers work); inside a captured graph they are
