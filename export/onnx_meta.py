@@ -10,6 +10,7 @@ Every `.onnx` hotpath writes (export, and quantize, which copies these props ont
 ``hotpath.source_sha256``    SHA-256 of the source checkpoint file (or of the weights, for an in-memory model)
 ``hotpath.kv_cache``         ``"1"``: a decoder with past/present key-values; ``"0"``: logits only
 ``hotpath.dtype``            ``"fp32"``, ``"fp16"`` (or ``"bf16"``, for TensorRT): weights and KV cache
+``hotpath.meta``             optional: the checkpoint's training metadata as JSON
 ===========================  =====================================================================
 
 Reading needs only ``onnx`` (``load_external_data=False``: the weights are not read) or an ONNX Runtime session's

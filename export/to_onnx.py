@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -45,7 +46,7 @@ from model.cli import UserError
 from model.gpt import GPT, sdpa_attention
 
 from .onnx_meta import make_hotpath_metadata
-from .validate import TOLERANCES, Tolerance, ValidationReport
+from .validate import TOLERANCES, Check, Tolerance, ValidationReport
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIN_OPSET = 18  # the lowest opset torch's dynamo exporter writes
@@ -253,15 +254,36 @@ def save_model(ir_model, path: Path, *, external: Optional[bool] = None) -> list
 
 
 def _move_into_place(tmpdir: Path, path: Path, final: Optional[Path] = None) -> list[Path]:
-    """Move tmpdir/<path.name> (and its data files) to `final` (default `path`); the graph file last."""
+    """Move tmpdir/<path.name> and its external data to `final` (default `path`), the graph file last. Moving to
+    another name (``*.failed.onnx``) renames the data file to match and points the graph at it, so the kept file
+    never overwrites the data of a good export beside it."""
     final = final or path
+    graph = tmpdir / path.name
+    data = tmpdir / data_path(path).name
     moved = []
-    for f in sorted(tmpdir.iterdir()):
-        if f.name != path.name:
-            os.replace(f, final.parent / f.name)
-            moved.append(final.parent / f.name)
-    os.replace(tmpdir / path.name, final)
+    if data.exists():
+        if final.name != path.name:
+            _relocate_external_data(graph, data_path(final).name)
+        os.replace(data, data_path(final))
+        moved.append(data_path(final))
+    os.replace(graph, final)
     return [final, *moved]
+
+
+def _relocate_external_data(graph_path: Path, new_location: str) -> None:
+    """Point every external tensor of the graph file at `new_location` (rewrites the graph file only)."""
+    import onnx
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t")]
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = new_location
+    onnx.save(model, str(graph_path))
 
 
 def _initializer_bytes(ir_model) -> int:
@@ -369,7 +391,10 @@ def export_onnx(checkpoint_or_model, out_path=None, *, opset: Optional[int] = No
         f"{'KV cache' if kv_cache else 'no KV cache'}) with torch.onnx.export (dynamo)")
     t0 = time.perf_counter()
     ir_model = export_program(model, kv_cache=kv_cache, dtype=dtype, opset=opset)
-    for key, value in make_hotpath_metadata(cfg, tok, source_sha256=sha, kv_cache=kv_cache, dtype=dtype).items():
+    props = make_hotpath_metadata(cfg, tok, source_sha256=sha, kv_cache=kv_cache, dtype=dtype)
+    if _meta:
+        props["hotpath.meta"] = json.dumps(_meta, sort_keys=True, default=str)  # the checkpoint's training meta
+    for key, value in props.items():
         ir_model.metadata_props[key] = value
     ir_model.doc_string = f"hotpath GPT decoder ({cfg.n_layer} layers, {dtype})"
     opset_used = ir_model.opset_imports.get("", 0)
@@ -392,10 +417,15 @@ def export_onnx(checkpoint_or_model, out_path=None, *, opset: Optional[int] = No
             from .validate import validate_decoder
 
             say("validating: ONNX Runtime against PyTorch (random inputs, left padding, corpus text, greedy 32)")
-            decoder = OnnxDecoder(tmp, providers=["CPUExecutionProvider"])
-            report.validation = validate_decoder(decoder, model, tok, dtype,
-                                                 tolerance=tolerance or TOLERANCES[dtype])
-            del decoder
+            tol = tolerance or TOLERANCES[dtype]
+            try:
+                decoder = OnnxDecoder(tmp, providers=["CPUExecutionProvider"])
+                report.validation = validate_decoder(decoder, model, tok, dtype, tolerance=tol)
+                del decoder
+            except Exception as e:  # ONNX Runtime refusing or failing on the graph is a failed validation too
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                report.validation = ValidationReport(dtype, tol, [Check("ONNX Runtime run", passed=False,
+                                                                        why=f"{type(e).__name__}: {first}")])
             report.ok = report.validation.passed
         final = out_path if report.ok else failed_path(out_path)
         report.files = _move_into_place(tmpdir, out_path, final)
@@ -438,8 +468,6 @@ def main(argv: list[str] | None = None) -> int:
                          dtype=args.dtype, validate=not args.no_validate, progress=progress)
     print(report.summary())
     if args.json:
-        import json
-
         with cli.atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2))
     if not report.ok:

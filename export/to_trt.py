@@ -29,7 +29,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from model import cli
 from model.cli import UserError
 
 from .onnx_meta import gpt_config, read_hotpath_metadata
-from .trt_runtime import FORMAT, FORMAT_VERSION, INSTALL_HINT, current_gpu, import_tensorrt, metadata_path
+from .trt_runtime import FORMAT, FORMAT_VERSION, current_gpu, import_tensorrt, metadata_path
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")

@@ -115,21 +115,27 @@ def test_fp16_failed_validation_is_kept_and_named(tiny_ckpt, tmp_path, monkeypat
 
     out = tmp_path / "m.fp16.onnx"
     out.write_bytes(b"previous good export")
+    (tmp_path / "m.fp16.onnx.data").write_bytes(b"previous good weights")
     real = TOLERANCES["fp16"]
     monkeypatch.setitem(to_onnx.TOLERANCES, "fp16", Tolerance(logits_rel=1e-12, top1=1.0, greedy=32))
+    monkeypatch.setattr(to_onnx, "EXTERNAL_DATA_BYTES", 0)  # as a model over 2 GB: weights in a .data file
     json_path = tmp_path / "r.json"
     assert main([str(tiny_ckpt), "--dtype", "fp16", "--out", str(out), "--json", str(json_path)]) == 1
     err = capsys.readouterr().err
     assert "error:" in err and "failed validation" in err
     assert out.read_bytes() == b"previous good export"
+    assert (tmp_path / "m.fp16.onnx.data").read_bytes() == b"previous good weights"
     kept = failed_path(out)
     assert kept.name == "m.fp16.failed.onnx" and kept.exists()
+    assert (tmp_path / "m.fp16.failed.onnx.data").stat().st_size > 100_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.failed.onnx", "m.fp16.failed.onnx.data",
+                                                          "m.fp16.onnx", "m.fp16.onnx.data", "r.json"]
     import json
 
     from export.validate import Check, ValidationReport
 
     report = json.loads(json_path.read_text())
-    assert report["ok"] is False and report["path"] == str(kept)
+    assert report["ok"] is False and report["path"] == str(kept) and report["external_data"] is True
     checks = [Check(**c) for c in report["validation"]["checks"]]
     assert ValidationReport("fp16", real, checks).rejudge(real)  # real fp16 accuracy ok
     assert max(c.max_abs_diff for c in checks if c.max_abs_diff is not None) < 0.05
