@@ -306,26 +306,38 @@ def create_app(backend, *, model_name: str = "model", max_batch_size: int = 16, 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+            created_at = int(time.time())
+            head = f'data: {{"id": "{rid}", "object": "text_completion", "created": {created_at}, ' \
+                   f'"model": {json.dumps(model_name)}, "choices": ['
+
+            def event(i, text, reason):
+                return (f'{head}{{"text": {json.dumps(text)}, "index": {i}, "logprobs": null, '
+                        f'"finish_reason": {json.dumps(reason)}}}]}}\n\n')
+
             async def sse():
                 finished, n_out, outcome = 0, 0, "cancelled"
                 try:
                     while finished < len(handles):
-                        kind, i, value, count = await events.get()
-                        if kind == "error":
-                            outcome = "error"
-                            err = {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
-                            yield f"data: {json.dumps(err)}\n\n"
-                            break
-                        if kind == "delta":
-                            if value:
-                                yield "data: " + json.dumps(chunk([{"text": value, "index": i, "logprobs": None,
-                                                                    "finish_reason": None}])) + "\n\n"
-                        else:
-                            finished += 1
-                            n_out += count
-                            yield "data: " + json.dumps(chunk([{"text": "", "index": i, "logprobs": None,
-                                                                "finish_reason": value}])) + "\n\n"
-                    else:
+                        batch = [await events.get()]
+                        while not events.empty():  # coalesce what is ready into one write
+                            batch.append(events.get_nowait())
+                        out = []
+                        for kind, i, value, count in batch:
+                            if kind == "error":
+                                outcome = "error"
+                                err = {"error": {"message": value, "type": "server_error", "param": None,
+                                                 "code": None}}
+                                out.append(f"data: {json.dumps(err)}\n\n")
+                                finished = len(handles) + 1
+                                break
+                            if kind == "delta":
+                                out.append(event(i, value, None))
+                            else:
+                                finished += 1
+                                n_out += count
+                                out.append(event(i, "", value))
+                        yield "".join(out)
+                    if finished == len(handles):
                         outcome = "success"
                         if include_usage:
                             usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out,

@@ -75,6 +75,7 @@ class RequestHandle:
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue() if loop is not None else None
+        self.outbox: dict = {}  # the engine's per-step delivery buffer (set by Engine.submit)
         self.sync_done = threading.Event()
         self.sync_tokens: list[int] = []
         self.tokens: list[int] = []  # engine-side: generated so far
@@ -102,10 +103,8 @@ class RequestHandle:
                 self.finish_reason, self.error = (item[1], None) if item[0] == "done" else (None, item[1])
                 self.sync_done.set()
             return
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        # collected by the engine, handed to the loop once per step (one wake-up per step, not per token)
+        self.outbox.setdefault(self.loop, []).append((self.queue, item))
 
     def __aiter__(self):
         return self._iterate()
@@ -131,6 +130,11 @@ class RequestHandle:
         return self.sync_tokens
 
 
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class Engine:
     def __init__(self, backend: Backend, *, max_batch_size: int = 16, max_queue: int = 64,
                  max_model_len: Optional[int] = None, metrics=None):
@@ -143,6 +147,7 @@ class Engine:
         self._waiting: deque[RequestHandle] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._rows: list[RequestHandle] = []
+        self._outbox: dict = {}  # event loop -> [(queue, item)], flushed after every step
         self._cache: Optional[KVCache] = None
         self._accepting = True
         self._stopped = False
@@ -197,6 +202,7 @@ class Engine:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.backend.vocab_size})")
         handle = RequestHandle(prompt_ids, params, loop)
+        handle.outbox = self._outbox
         with self._cond:
             if not self.accepting:
                 raise EngineStopped("the server is shutting down")
@@ -262,6 +268,7 @@ class Engine:
                         if self.metrics is not None:
                             self.metrics.request_done(h, "error")
                 self._rows, self._cache = [], None
+            self._flush()
             with self._cond:
                 self._gauge()
         # stopped: whatever is left ends with an error
@@ -273,8 +280,18 @@ class Engine:
             self._calls.clear()
         for h in leftovers:
             h._push(("error", "the server shut down before this request finished"))
+        self._flush()
         for _, fut in calls:
             fut.cancel()
+
+    def _flush(self) -> None:
+        pending = list(self._outbox.items())  # only the engine thread writes the outbox
+        self._outbox.clear()
+        for loop, items in pending:
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
     def _finish(self, h: RequestHandle, reason: str) -> None:
         h.finish_reason = reason
