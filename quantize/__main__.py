@@ -29,6 +29,8 @@ def build_parser():
     g.add_argument("--calib-cache", default=None,
                    help="calibration ranges (JSON) to reuse or write (default: beside the output)")
     g.add_argument("--recalibrate", action="store_true", help="ignore an existing calibration cache")
+    g.add_argument("--op-types", nargs="+", default=["MatMul", "Gemm"], metavar="OP",
+                   help="op types given Q/DQ (default MatMul Gemm)")
     g.add_argument("--quantize-attention", action="store_true",
                    help="also Q/DQ the attention matmuls (activation x activation); default: kept in float")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE",
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = {}
     if args.mode == "int8-static":
         opts.update(calib_method=args.calib_method, calib_samples=args.calib_samples, calib_cache=args.calib_cache,
-                    recalibrate=args.recalibrate, quantize_attention=args.quantize_attention)
+                    recalibrate=args.recalibrate, quantize_attention=args.quantize_attention,
+                    op_types=args.op_types)
     if args.mode == "int4-weight":
         opts.update(block_size=args.block_size, accuracy_level=args.accuracy_level or None)
     if args.exclude:

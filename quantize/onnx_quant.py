@@ -176,8 +176,12 @@ def calibration_tokens(props: dict[str, str], corpus=None, corpus_bytes: Optiona
     return data.train
 
 
-def default_calib_cache(out: Path, method: str, samples: int) -> Path:
-    return out.with_name(f"{out.name.removesuffix('.onnx')}.calib-{method}-{samples}.json")
+def default_calib_cache(out: Path, method: str, samples: int, op_types=("MatMul", "Gemm"),
+                        quantize_attention: bool = False) -> Path:
+    """Beside the output; the name holds what changes the set of calibrated tensors or their ranges."""
+    tag = "" if sorted(op_types) == ["Gemm", "MatMul"] else "-" + "-".join(sorted(op_types))
+    tag += "-attention" if quantize_attention else ""
+    return out.with_name(f"{out.name.removesuffix('.onnx')}.calib-{method}-{samples}{tag}.json")
 
 
 # ---------------------------------------------------------------------------------------------- the modes
@@ -185,7 +189,8 @@ def quantize_onnx(src_onnx, mode: str, out=None, *, calib_method: str = "minmax"
                   calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_cache=None, recalibrate: bool = False,
                   exclude: Iterable[str] = (), corpus=None, corpus_bytes: Optional[int] = None,
                   block_size: int = 32, accuracy_level: Optional[int] = 4, per_channel: bool = True,
-                  quantize_embedding: bool = True, quantize_attention: bool = False, threads: Optional[int] = None,
+                  quantize_embedding: bool = True, quantize_attention: bool = False,
+                  op_types: Sequence[str] = ("MatMul", "Gemm"), threads: Optional[int] = None,
                   verbose: bool = False) -> Path:
     """Quantize the hotpath ONNX decoder `src_onnx` with `mode`; returns the output path.
 
@@ -193,7 +198,9 @@ def quantize_onnx(src_onnx, mode: str, out=None, *, calib_method: str = "minmax"
     int8-static: calib_method (minmax|entropy|percentile), calib_samples (windows of the context), calib_cache (JSON
     path; default beside the output, reused when newer than the source), recalibrate, exclude (node names/globs),
     corpus / corpus_bytes (calibration text; default the built-in corpus), quantize_attention (also Q/DQ the two
-    activation-by-activation attention matmuls; default off: more accurate, and faster on the CPU provider). int8-dynamic: per_channel, exclude.
+    activation-by-activation attention matmuls; default off: more accurate, and faster on the CPU provider),
+    op_types (the op types given Q/DQ; measured on `small`: adding "Add" quantizes the residual stream and costs
+    +170% perplexity for no speedup). int8-dynamic: per_channel, exclude.
     int4-weight: block_size (a power of 2 >= 16), accuracy_level (MatMulNBits compute: 4 = int8 activations,
     None = fp32), quantize_embedding (the token embedding Gather as well). fp16: exclude (nodes kept fp32).
     """
@@ -222,7 +229,7 @@ def quantize_onnx(src_onnx, mode: str, out=None, *, calib_method: str = "minmax"
                 model = _int8_static(pre, tmp / "q.onnx", src, out, props, excluded, details, calib_method=calib_method,
                                      calib_samples=calib_samples, calib_cache=calib_cache, recalibrate=recalibrate,
                                      corpus=corpus, corpus_bytes=corpus_bytes, threads=threads, verbose=verbose,
-                                     quantize_attention=quantize_attention)
+                                     quantize_attention=quantize_attention, op_types=list(op_types))
             else:
                 model = _int4_weight(pre_model, excluded, block_size, accuracy_level, quantize_embedding, details)
         props = {**props, "hotpath.quantization": json.dumps(details)}
@@ -257,14 +264,15 @@ def _int8_dynamic(pre: Path, out: Path, excluded, per_channel: bool, details: di
 
 def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, props, excluded, details, *, calib_method,
                  calib_samples, calib_cache, recalibrate, corpus, corpus_bytes, threads, verbose,
-                 quantize_attention: bool = False) -> onnx.ModelProto:
+                 quantize_attention: bool = False, op_types=("MatMul", "Gemm")) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if calib_method not in CALIB_METHODS:
         raise UserError(f"unknown --calib-method {calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[calib_method]
-    cache = Path(calib_cache) if calib_cache else default_calib_cache(final_out, calib_method, calib_samples)
+    cache = Path(calib_cache) if calib_cache else default_calib_cache(final_out, calib_method, calib_samples,
+                                                                      op_types, quantize_attention)
     stale = cache.exists() and (recalibrate or cache.stat().st_mtime < src.stat().st_mtime)
     if stale:
         cache.unlink()
@@ -276,7 +284,7 @@ def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, props, exclud
         reader = CorpusCalibrationReader(prefill, ids, prefill.config.block_size, calib_samples)
         del prefill
     details.update({"format": "QDQ", "weights": "int8 symmetric per channel", "activations": "int8 symmetric",
-                    "ops": ["MatMul", "Gemm"], "attention_matmuls": "int8" if quantize_attention else "float",
+                    "ops": list(op_types), "attention_matmuls": "int8" if quantize_attention else "float",
                     "calibration": {"method": calib_method, "samples": calib_samples,
                                                                "cache": str(cache), "reused": reused}})
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
@@ -289,7 +297,7 @@ def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, props, exclud
     with _quiet_ort():
         try:
             quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                            op_types_to_quantize=list(op_types), per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=list(excluded), calibrate_method=method, extra_options=extra,
                             calibration_cache_path=str(cache))

@@ -340,13 +340,15 @@ def prune_checkpoint(ckpt, method: str, sparsity: Optional[float] = None, *, fin
                      out=None, scope: str = "global", lr: float = 3e-4, batch_size: int = 8,
                      importance_batches: int = 8, corpus=None, corpus_bytes: Optional[int] = None,
                      evaluate: bool = True, windows: int = R.DEFAULT_EVAL_WINDOWS, latency_repeats: int = 5,
-                     latency_shape=R.DEFAULT_LATENCY_SHAPE, ort_latency: bool = True, threads: Optional[int] = None,
+                     latency_shape=R.DEFAULT_LATENCY_SHAPE, ort_latency: bool = False, threads: Optional[int] = None,
                      seed: int = 0, progress: bool = False):
     """Prune the checkpoint `ckpt` with `method`, optionally fine-tune, save; returns (pruned model, report dict).
 
     Report keys: output, method, sparsity, params_before/params_after, nonzero_before/nonzero_after,
-    ppl_before/ppl_after, ppl_increase_pct, top1_agreement, latency (torch eager) and latency_ort (ONNX Runtime,
-    when export/ is installed), finetune {steps, first_loss, last_loss}, pruning details."""
+    ppl_before/ppl_after, ppl_increase_pct, top1_agreement, latency (torch eager) and, with ort_latency=True (the
+    CLI's default), latency_ort (both models exported by export/ and timed in ONNX Runtime), finetune {steps,
+    first_loss, last_loss}, pruning details. evaluate=False skips perplexity and timing (what bench/ wants when it
+    measures the artifact itself)."""
     from model.checkpoint import load_checkpoint, save_checkpoint
 
     sparsity = check_sparsity(method, sparsity)
