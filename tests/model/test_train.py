@@ -98,3 +98,15 @@ def test_cli_bad_input(args, message, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and message in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_fused_optimizer_and_kernels_track_the_reference(tmp_path):
+    """`--optimizer fused --kernels` (Triton kernels; in the interpreter on CPU) follows the reference run."""
+    common = [*TINY, "--steps", "2", "--batch-size", "2", "--eval-every", "100", "--seed", "3"]
+    main([*common, "--out", str(tmp_path / "ref.pt")])
+    main([*common, "--optimizer", "fused", "--kernels", "--out", str(tmp_path / "fused.pt")])
+    ref, fused = read_checkpoint(tmp_path / "ref.pt"), read_checkpoint(tmp_path / "fused.pt")
+    assert ref["meta"]["losses_tail"] == pytest.approx(fused["meta"]["losses_tail"], rel=1e-4)
+    for k in ref["model"]:
+        torch.testing.assert_close(fused["model"][k], ref["model"][k], rtol=1e-3, atol=1e-4)

@@ -1,0 +1,73 @@
+"""`python -m bench --quick`: the smoke version of `make bench`, end to end in a subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.harness import Results, Timing
+from bench.suites.variants import inference_variants
+from bench.table import suite_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REQUIRED = {"suite", "case", "variant", "metric", "value", "unit", "device"}
+
+
+def test_timing_rows_carry_median_and_spread():
+    r = Results(device="cpu")
+    t = Timing(median=0.5, low=0.4, high=0.8, repeats=5)
+    assert r.add_timing("s", "c", "v", "rate", t, 100, "tokens/s") == pytest.approx(200)
+    assert r.add_timing("s", "c", "v", "lat", t, 10, "ms/token") == pytest.approx(50)
+    rate, lat = r.rows
+    assert rate["low"] == pytest.approx(125) and rate["high"] == pytest.approx(250)
+    assert lat["low"] == pytest.approx(40) and lat["high"] == pytest.approx(80)
+    assert REQUIRED <= set(rate)
+
+
+def test_table_ratio_against_baseline():
+    rows = [{"suite": "inference", "variant": v, "metric": "prefill tokens/s", "value": x, "case": "c"}
+            for v, x in [("torch eager fp32", 100.0), ("ort fp32", 300.0), ("ort int8 dynamic", 600.0)]]
+    header, body = suite_table(rows, "inference")
+    assert header[-2:] == ["× torch eager fp32", "× ort fp32"]
+    assert body[2][-2:] == ["6.00×", "2.00×"]
+
+
+@pytest.mark.slow
+def test_quick_bench_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    [path] = list(out.glob("*-quick.json"))
+    doc = json.loads(path.read_text())
+    assert doc["machine"]["cores"] and doc["machine"]["torch"]
+    for row in doc["rows"]:
+        assert REQUIRED <= set(row), row
+    measured = {r["variant"] for r in doc["rows"] if r["suite"] == "inference"}
+    skipped = {s["variant"] for s in doc["skipped"] if s["suite"] == "inference"}
+    # every variant is either measured or listed with its reason, never silently dropped
+    from bench.suites.common import Context
+
+    names = set(inference_variants(Context(checkpoint=path, quick=True, threads=1)))
+    assert names == measured | skipped, (names, measured, skipped)
+    for core in ("torch eager fp32", "ort fp32", "ort int8 dynamic", "ort int8 static (Q/DQ)", "ort int4 weight-only"):
+        assert core in measured, [s for s in doc["skipped"] if s["variant"] == core]
+    ppl = {r["variant"]: r["value"] for r in doc["rows"] if r["metric"] == "perplexity"}
+    assert abs(ppl["ort fp32"] / ppl["torch eager fp32"] - 1) < 1e-3  # same model, two runtimes
+    assert {"train", "inference", "serve"} <= {r["suite"] for r in doc["rows"]}
+    report = (out / "REPORT.md").read_text()
+    assert "| variant |" in report and (out / "speed_vs_quality.png").stat().st_size > 1000
+    # the report regenerates from the JSON alone
+    (out / "REPORT.md").unlink()
+    r = subprocess.run([sys.executable, "-m", "bench.report", str(path), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and (out / "REPORT.md").exists(), r.stderr
+
+
+def test_report_rejects_foreign_json(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("[1, 2]")
+    r = subprocess.run([sys.executable, "-m", "bench.report", str(bad), "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "rows" in r.stderr
