@@ -8,6 +8,7 @@ requests finish for up to --shutdown-timeout seconds, cancels what is left, and 
 """
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -35,7 +36,9 @@ def build_parser():
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain in-flight requests")
     p.add_argument("--kernels", action="store_true", help="torch backend: run attention on hotpath's kernels")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="torch backend: int8 quantization")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (torch / ONNX Runtime)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (torch / ONNX Runtime); default: cores - 1, leaving one core to "
+                        "the HTTP event loop (intra-op threads fighting it for a core make small models ~10x slower)")
     p.add_argument("--tokenizer-from", default=None, help="tensorrt backend: the .onnx or .pt the plan came from")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -49,12 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     if args.shutdown_timeout < 0:
         raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    if args.threads is not None:
-        import torch
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     backend = load_backend(args.model, args.backend, kernels=args.kernels, quantize=args.quantize,
-                           threads=args.threads, tokenizer_from=args.tokenizer_from)
+                           threads=threads, tokenizer_from=args.tokenizer_from)
     if args.max_model_len is not None and not 1 < args.max_model_len <= backend.max_context:
         raise UserError(f"--max-model-len {args.max_model_len} is outside [2, {backend.max_context}] "
                         f"(the model's context)")
