@@ -11,15 +11,22 @@ returns throughput and latency percentiles:
     e2e_p50_s/p99_s    request sent -> [DONE]
     errors, rejected   failed requests; 503s (queue full) are counted in both
 
-`bench/` uses this function for `make bench-serve`; this module measures only, it asserts nothing.
+`bench_serve(model, levels, serve_args=...)` starts `python -m serve` for a model file, runs every level against it
+and stops it: `bench/` uses it (or `run_load` against its own server) for `make bench-serve`. `--spawn` does the
+same from the command line. This module measures only; it asserts nothing.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
+import signal
+import subprocess
 import sys
+import threading
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import httpx
 import numpy as np
@@ -115,6 +122,53 @@ def run_load(base_url: str, prompts: Sequence[str], concurrency: int, max_tokens
     return asyncio.run(run_load_async(base_url, prompts, concurrency, max_tokens, **kwargs))
 
 
+@contextlib.contextmanager
+def spawned_server(model: str, *serve_args: str, start_timeout: float = 300.0) -> Iterator[str]:
+    """Run `python -m serve MODEL --port 0 ...` in a subprocess; yield its base URL; SIGTERM it on exit."""
+    cmd = [sys.executable, "-m", "serve", str(model), "--host", "127.0.0.1", "--port", "0", *serve_args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    found: dict = {}
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"listening on (http://\S+)", line)
+            if m and "url" not in found:
+                found["url"] = m.group(1)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + start_timeout
+    while "url" not in found and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        if "url" not in found:
+            raise cli.UserError(f"python -m serve {model} did not start: {''.join(lines[-5:]).strip()[-300:]}")
+        yield found["url"]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def bench_serve(model: str, levels: Sequence[int] = (1, 8, 16, 32), *, serve_args: Sequence[str] = (),
+                prompts: Sequence[str] = DEFAULT_PROMPTS, max_tokens: int = 32, requests: Optional[int] = None,
+                warmup: bool = True) -> list[dict]:
+    """Start a server for `model` (extra `serve_args`, e.g. ["--backend", "onnxruntime"]), drive it at each
+    concurrency level in turn with the same requests, stop it; one `run_load` row per level (for `bench/`)."""
+    max_batch = str(max(levels))
+    args = list(serve_args)
+    if "--max-batch-size" not in args:
+        args += ["--max-batch-size", max_batch]
+    with spawned_server(model, *args) as url:
+        if warmup:
+            run_load(url, prompts, min(4, max(levels)), 8, requests=8)
+        return [run_load(url, prompts, c, max_tokens, requests=requests) for c in levels]
+
+
 def format_table(rows: list[dict]) -> str:
     head = (f"{'clients':>7} {'reqs':>5} {'err':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
             f"{'ITL p50':>8} {'ITL p99':>8} {'e2e p50':>8}")
@@ -129,7 +183,11 @@ def format_table(rows: list[dict]) -> str:
 def build_parser():
     p = cli.parser("python -m serve.loadgen", "Drive a running hotpath (or any OpenAI-compatible) server with "
                                               "concurrent streaming completions and report throughput and latency.")
-    p.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000; with --spawn, a model file to "
+                               "serve for the run")
+    p.add_argument("--spawn", action="store_true", help="start python -m serve URL(=MODEL) for the run, stop it after")
+    p.add_argument("--serve-args", default="", help="with --spawn: extra flags for python -m serve, e.g. "
+                                                    "'--backend onnxruntime --threads 1'")
     p.add_argument("--concurrency", default="1,8,16,32", help="comma-separated client counts")
     p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(prompts, 2 x clients))")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -154,14 +212,16 @@ def main(argv: list[str] | None = None) -> int:
         text = cli.existing_file(args.prompts, "prompt file").read_text()
         prompts = [ln.replace("\\n", "\n") for ln in text.splitlines() if ln.strip()] or DEFAULT_PROMPTS
     rows = []
-    for c in levels:
-        try:
-            row = run_load(args.url, prompts, c, args.max_tokens, requests=args.requests, model=args.model,
-                           api_key=args.api_key, temperature=args.temperature)
-        except httpx.HTTPError as e:
-            raise cli.UserError(f"cannot reach {args.url} ({type(e).__name__}: {e}); start python -m serve first") from e
-        rows.append(row)
-        print(format_table([row]).splitlines()[-1] if len(rows) > 1 else format_table([row]), flush=True)
+    with (spawned_server(args.url, "--max-batch-size", str(max(levels)), *args.serve_args.split())
+          if args.spawn else contextlib.nullcontext(args.url)) as url:
+        for c in levels:
+            try:
+                row = run_load(url, prompts, c, args.max_tokens, requests=args.requests, model=args.model,
+                               api_key=args.api_key, temperature=args.temperature)
+            except httpx.HTTPError as e:
+                raise cli.UserError(f"cannot reach {url} ({type(e).__name__}: {e}); start python -m serve first") from e
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1] if len(rows) > 1 else format_table([row]), flush=True)
     if args.json:
         with cli.atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(rows, indent=2))

@@ -39,3 +39,11 @@ def test_loadgen_reports(tiny_server):
     assert r["errors"] == 0 and r["completed"] == 8
     assert r["output_tokens"] == 64 and r["tokens_per_s"] > 0
     assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and 0 < r["itl_p50_s"] <= r["itl_p99_s"]
+
+
+def test_bench_serve_spawns_and_stops_a_server(tiny_ckpt):
+    from serve.loadgen import bench_serve
+
+    rows = bench_serve(str(tiny_ckpt), (1, 2), requests=4, max_tokens=4, warmup=False)
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["completed"] == 4 and r["errors"] == 0 and r["output_tokens"] == 16 for r in rows)
