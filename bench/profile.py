@@ -6,7 +6,6 @@ concurrent streaming clients load it). py-spy samples the real processes from ou
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,7 @@ from pathlib import Path
 from model import cli
 
 from .checkpoint import ensure_checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .server import running_server
 
 
 def py_spy() -> str:
@@ -47,42 +41,18 @@ def _trained(ckpt: Path) -> int:
 
 
 def profile_server(ckpt: Path, out: Path, seconds: int) -> Path:
-    from serve.loadgen import run_load
+    from serve.loadgen import DEFAULT_PROMPTS, run_load
 
     svg = out / "serve.svg"
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "serve", str(ckpt), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, server)
+    with running_server(ckpt) as (url, server):
         spy = subprocess.Popen([py_spy(), "record", "--format", "flamegraph", "--rate", "100", "--duration",
                                 str(seconds), "--pid", str(server.pid), "--output", str(svg)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + seconds
         while time.time() < deadline and spy.poll() is None:
-            run_load(url, ["def main():"] * 16, concurrency=8, max_tokens=32)
+            run_load(url, DEFAULT_PROMPTS, concurrency=8, max_tokens=32, requests=16)
         spy.wait(timeout=seconds + 60)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return svg
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise cli.UserError(f"the server exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise cli.UserError(f"the server at {url} was not ready within {timeout:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

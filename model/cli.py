@@ -14,8 +14,18 @@ class UserError(Exception):
     """A problem the user can fix. Printed as `error: <message>` with exit code 2, no traceback."""
 
 
+def flush_denormals() -> None:
+    """Treat subnormal floats as zero on CPU (x86 FTZ/DAZ). A trained model's attention softmax yields probabilities
+    below 1e-38, and x86 cores handle those ~50x slower: a trained tiny model's training step measured 1.1 s with
+    subnormals against 20 ms without. Values that small change no result that matters."""
+    import torch
+
+    torch.set_flush_denormal(True)
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a CLI `main`, turning UserError (and Ctrl-C) into one line and exit code 2."""
+    flush_denormals()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         code = main(argv)
