@@ -29,7 +29,6 @@ import contextlib
 import fnmatch
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence

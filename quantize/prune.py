@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 

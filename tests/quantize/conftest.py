@@ -1,9 +1,6 @@
 """Shared fixtures for the quantize tests: the tiny checkpoint's fp32 ONNX export (made once, by export/)."""
 import pytest
 
-# small, fast settings for every report: a few held-out windows, no timing (tests assert; benchmarks measure)
-FAST = dict(windows=4, latency_repeats=0, corpus_bytes=400_000)
-
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_ckpt, tmp_path_factory):

@@ -9,7 +9,7 @@ import pytest
 from quantize import perplexity_onnx, quantize_onnx
 from quantize import report as R
 
-from .conftest import FAST, sqnr_db
+from .conftest import sqnr_db
 
 # fp16 and int8 keep logits close; 4-bit weights on a 64-wide model are coarser
 MIN_SQNR = {"fp16": 40, "int8-dynamic": 15, "int8-static": 12, "int4-weight": 8}

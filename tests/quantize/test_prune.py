@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
+from model.gpt import GPT
 from quantize.prune import (block_linears, magnitude_masks, prune_checkpoint, prune_heads, prune_neurons,
                             structured_importance, verify_2_4)
 
@@ -23,7 +24,7 @@ def test_heads_pruning_equals_zeroing_those_heads(tiny_model):
     small, info = prune_heads(model, 0.5, scores)
     assert small.config.n_head == cfg.n_head // 2 and small.config.head_dim == cfg.head_dim
     assert small.config.n_embd == cfg.n_embd
-    ref = load_checkpoint.__globals__["GPT"](cfg)
+    ref = GPT(cfg)
     ref.load_state_dict(model.state_dict())
     D = cfg.head_dim
     with torch.no_grad():
@@ -39,10 +40,9 @@ def test_heads_pruning_equals_zeroing_those_heads(tiny_model):
         torch.testing.assert_close(step[:, 0], small(ids[:, :11])[:, -1], rtol=1e-4, atol=1e-4)
 
 
-def test_heads_pruning_removes_whole_kv_groups(tiny_model):
-    from model.gpt import GPT, GPTConfig
+def test_heads_pruning_removes_whole_kv_groups():
+    from model.gpt import GPTConfig
 
-    _, _, _ = tiny_model
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=8, n_kv_head=4, n_embd=64, pos="rope",
                     norm="rmsnorm", mlp="swiglu", bias=False)
     model = GPT(cfg).eval()
@@ -60,7 +60,7 @@ def test_neurons_pruning_equals_zeroing_those_neurons(tiny_model):
     scores = [torch.rand(cfg.mlp_hidden, generator=torch.Generator().manual_seed(i)) for i in range(cfg.n_layer)]
     small, info = prune_neurons(model, 0.25, scores)
     assert small.config.mlp_hidden == cfg.mlp_hidden - round(0.25 * cfg.mlp_hidden)
-    ref = load_checkpoint.__globals__["GPT"](cfg)
+    ref = GPT(cfg)
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
         for i in range(cfg.n_layer):

@@ -1,5 +1,4 @@
 """PyTorch int8 (weight-only and dynamic): forward contract kept, SQNR of logits, save/load, CLI."""
-import copy
 
 import pytest
 import torch
