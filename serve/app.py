@@ -351,12 +351,21 @@ def create_app(backend, *, model_name: str = "model", max_batch_size: int = 16, 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        watcher = asyncio.create_task(_watch_disconnect(request, cancel_all))
+        gone: list[bool] = []
+
+        def on_disconnect():
+            gone.append(True)
+            cancel_all()
+            events.put_nowait(("gone", -1, None, 0))  # wake the collector below
+
+        watcher = asyncio.create_task(_watch_disconnect(request, on_disconnect))
         texts, reasons, n_out = [""] * len(handles), [None] * len(handles), 0
         try:
             finished = 0
-            while finished < len(handles):
+            while finished < len(handles) and not gone:
                 kind, i, value, count = await events.get()
+                if kind == "gone":
+                    break
                 if kind == "error":
                     metrics.outcome("completions", "error")
                     raise APIError(500, f"generation failed: {value}", "server_error")
@@ -369,6 +378,9 @@ def create_app(backend, *, model_name: str = "model", max_batch_size: int = 16, 
         finally:
             watcher.cancel()
             cancel_all()
+        if gone or any(r == "cancelled" for r in reasons):
+            metrics.outcome("completions", "cancelled")
+            return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
         metrics.outcome("completions", "success")
         return chunk([{"text": t, "index": i, "logprobs": None, "finish_reason": r}
                       for i, (t, r) in enumerate(zip(texts, reasons))],

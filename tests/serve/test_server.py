@@ -189,6 +189,22 @@ def test_client_disconnect_stops_generation(tiny_server):
     assert generated < 60  # it stopped early instead of running to max_tokens
 
 
+def test_client_disconnect_stops_non_streaming_generation(tiny_server):
+    key = ("hotpath_requests_total", (("endpoint", "completions"), ("outcome", "cancelled")))
+    before = metric_values(tiny_server.url).get(key, 0)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 16 x 50 tokens are done
+        httpx.post(tiny_server.url + "/v1/completions", timeout=httpx.Timeout(60, read=0.05),
+                   json={"prompt": [f"def f{i}(" for i in range(16)], "max_tokens": 50, "temperature": 0})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = metric_values(tiny_server.url)
+        if m.get(key, 0) > before and m[("hotpath_running_requests", ())] == 0:
+            return
+        time.sleep(0.2)
+    seen = {k: v for k, v in m.items() if "requests" in k[0] or "running" in k[0]}
+    pytest.fail(f"the abandoned non-streaming request kept generating: {seen}")
+
+
 def test_metrics_exposed(tiny_server):
     m = metric_values(tiny_server.url)
     names = {k[0] for k in m}
