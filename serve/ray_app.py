@@ -35,6 +35,10 @@ class HotpathDeployment:
 
         from .engine import Engine
 
+        from model import cli
+
+        if hasattr(cli, "flush_denormals"):  # as every hotpath CLI does: subnormal softmax tails are slow on x86
+            cli.flush_denormals()
         if threads:
             import torch
 
