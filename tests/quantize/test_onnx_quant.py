@@ -123,3 +123,16 @@ def _json_run(main, src, out, capsys):
     assert main([str(src), "--mode", "fp16", "--out", str(out), "--eval-windows", "2", "--corpus-bytes", "400000",
                  "--latency-repeats", "1", "--json"]) == 0
     return capsys.readouterr().out
+
+
+def test_checkpoint_input_is_exported_first(tiny_ckpt, tmp_path):
+    from quantize import run_quantization
+
+    out = tmp_path / "ck.int8-dynamic.onnx"
+    r = run_quantization(tiny_ckpt, "int8-dynamic", out, windows=2, latency_repeats=1)
+    assert r["output"] == str(out) and out.exists()
+    assert r["size_after"] < r["size_before"] and 0 < r["top1_agreement"] <= 1
+    assert r["latency"]["runtime"] == "onnxruntime CPU" and r["latency"]["speedup"] > 0
+    import hashlib
+
+    assert R.read_props(out)["hotpath.source_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
