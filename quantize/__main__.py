@@ -20,7 +20,7 @@ from .onnx_quant import CALIB_METHODS, DEFAULT_CALIB_SAMPLES
 def build_parser():
     p = cli.parser("python -m quantize", "Quantize a hotpath model and measure its accuracy cost and speedup.")
     p.add_argument("model", help="ckpt.pt / .safetensors (exported first) or a hotpath .onnx")
-    p.add_argument("--mode", required=True, metavar="MODE", help=f"one of: {', '.join(ALL_MODES)}")
+    p.add_argument("--mode", default=None, metavar="MODE", help=f"one of: {', '.join(ALL_MODES)}")
     p.add_argument("--out", default=None, help="output path (default: beside the input, the mode in the name)")
     g = p.add_argument_group("int8-static calibration")
     g.add_argument("--calib-method", default="minmax", metavar="M", help=f"one of: {', '.join(CALIB_METHODS)}")
@@ -34,7 +34,9 @@ def build_parser():
     g.add_argument("--quantize-attention", action="store_true",
                    help="also Q/DQ the attention matmuls (activation x activation); default: kept in float")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE",
-                   help="node names, globs ('*lm_head*') or op types kept in floating point")
+                   help="node names (see --list-nodes), globs ('node_MatMul_1*') or op types kept in floating point")
+    p.add_argument("--list-nodes", action="store_true",
+                   help="print the quantizable nodes of an .onnx (names for --exclude) and exit")
     p.add_argument("--block-size", type=int, default=32, help="int4-weight: weights per quantization block")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="int4-weight: MatMulNBits compute type (4 = int8 activations, 0 = fp32)")
@@ -52,6 +54,14 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.list_nodes:
+        from .onnx_quant import list_nodes
+
+        for name, op, weight in list_nodes(args.model):
+            print(f"{name}\t{op}\t{weight}")
+        return 0
+    if args.mode is None:
+        raise cli.UserError(f"--mode is required (choose from {', '.join(ALL_MODES)})")
     if args.mode not in ALL_MODES:
         raise cli.UserError(f"unknown mode {args.mode!r} (choose from {', '.join(ALL_MODES)})")
     if args.calib_method not in CALIB_METHODS:

@@ -126,6 +126,22 @@ def match_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
     return sorted(set(names))
 
 
+def list_nodes(src_onnx) -> list[tuple[str, str, str]]:
+    """(name, op type, weight) of every MatMul/Gemm/Gather in the graph as quantized (after `pre_process`): the
+    names `exclude` takes. The weight column is the constant input's shape, or "activation" for the attention."""
+    src = existing_file(src_onnx, "model")
+    _check_hotpath(_load_onnx(src), src)
+    with tempfile.TemporaryDirectory(prefix="hotpath-quant.") as tmp:
+        pre = onnx.load(str(pre_process(src, Path(tmp) / "pre.onnx")))
+    shapes = {i.name: "x".join(map(str, i.dims)) for i in pre.graph.initializer}
+    rows = []
+    for n in pre.graph.node:
+        if n.op_type in ("MatMul", "Gemm", "Gather"):
+            w = n.input[1] if n.op_type != "Gather" else n.input[0]
+            rows.append((n.name, n.op_type, shapes.get(w, "activation")))
+    return rows
+
+
 def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     """MatMul nodes whose second input is not a constant weight (the attention matmuls: q.k^T and p.v)."""
     consts = {i.name for i in model.graph.initializer}

@@ -136,3 +136,15 @@ def test_checkpoint_input_is_exported_first(tiny_ckpt, tmp_path):
     import hashlib
 
     assert R.read_props(out)["hotpath.source_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
+
+
+def test_list_nodes_names_what_exclude_takes(tiny_onnx, tmp_path, capsys):
+    from quantize.__main__ import main
+
+    assert main([str(tiny_onnx), "--list-nodes"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    head = [name for name, op, w in rows if op == "MatMul" and w.endswith("x512")]  # n_embd x vocab: the LM head
+    assert len(head) == 1 and any(w == "activation" for _, _, w in rows)
+    out = quantize_onnx(tiny_onnx, "int8-static", out=tmp_path / "e.onnx", exclude=head, calib_samples=2,
+                        corpus_bytes=400_000)
+    assert json.loads(R.read_props(out)["hotpath.quantization"])["excluded_nodes"] == head
