@@ -7,7 +7,7 @@ from model.checkpoint import read_checkpoint
 from model.cli import UserError
 
 # ~4 minutes on 2 CPU cores; perplexity well below the unigram model's
-FULL = {"preset": "small", "steps": 300, "batch_size": 16, "corpus_bytes": 8_000_000, "vocab_size": 4096}
+FULL = {"preset": "small", "steps": 250, "batch_size": 16, "corpus_bytes": 8_000_000, "vocab_size": 4096}
 QUICK = {"preset": "tiny", "steps": 60, "batch_size": 16, "corpus_bytes": 400_000, "vocab_size": 512}
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from model import cli
 
 from .checkpoint import ensure_checkpoint
-from .server import running_server
 
 
 def py_spy() -> str:
@@ -41,10 +40,10 @@ def _trained(ckpt: Path) -> int:
 
 
 def profile_server(ckpt: Path, out: Path, seconds: int) -> Path:
-    from serve.loadgen import DEFAULT_PROMPTS, run_load
+    from serve.loadgen import DEFAULT_PROMPTS, run_load, spawned_server_process
 
     svg = out / "serve.svg"
-    with running_server(ckpt) as (url, server):
+    with spawned_server_process(str(ckpt)) as (url, server):
         spy = subprocess.Popen([py_spy(), "record", "--format", "flamegraph", "--rate", "100", "--duration",
                                 str(seconds), "--pid", str(server.pid), "--output", str(svg)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -58,6 +58,8 @@ def suite_table(rows: list[dict[str, Any]], suite: str) -> tuple[list[str], list
         header.append(f"× {BASELINES[suite]}")
     if extra_ratio:
         header.append("× ort fp32")
+    if suite == "serve":
+        header.append("× one at a time")
     body = []
     for v in variants:
         line = [v, *(_fmt(cases[v].get(c[0])) for c in cols)]
@@ -66,6 +68,9 @@ def suite_table(rows: list[dict[str, Any]], suite: str) -> tuple[list[str], list
             line.append(f"{mine / base:.2f}×" if mine else "—")
         if extra_ratio:
             ref = cases["ort fp32"].get(ratio_metric)
+            line.append(f"{mine / ref:.2f}×" if mine and ref else "—")
+        if suite == "serve":  # against the same backend serving one client at a time
+            ref = cases.get(v.split(" @")[0] + " @1 clients", {}).get(ratio_metric)
             line.append(f"{mine / ref:.2f}×" if mine and ref else "—")
         body.append(line)
     return header, body

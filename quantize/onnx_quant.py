@@ -106,7 +106,9 @@ def pre_process(src: Path, dst: Path) -> Path:
     shape inference alone when the symbolic pass cannot follow the graph."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with _quiet_ort():
+    # the symbolic pass saves scratch files (sym_shape_infer_temp.onnx + external data) in the working directory
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with _quiet_ort(), contextlib.chdir(dst.parent):
         try:
             quant_pre_process(str(src), str(dst))
         except Exception:  # symbolic inference gives up on some exporter patterns

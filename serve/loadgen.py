@@ -125,6 +125,14 @@ def run_load(base_url: str, prompts: Sequence[str], concurrency: int, max_tokens
 @contextlib.contextmanager
 def spawned_server(model: str, *serve_args: str, start_timeout: float = 300.0) -> Iterator[str]:
     """Run `python -m serve MODEL --port 0 ...` in a subprocess; yield its base URL; SIGTERM it on exit."""
+    with spawned_server_process(model, *serve_args, start_timeout=start_timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def spawned_server_process(model: str, *serve_args: str,
+                           start_timeout: float = 300.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`spawned_server`, also yielding the process (a profiler attaches to its pid)."""
     cmd = [sys.executable, "-m", "serve", str(model), "--host", "127.0.0.1", "--port", "0", *serve_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -144,7 +152,7 @@ def spawned_server(model: str, *serve_args: str, start_timeout: float = 300.0) -
     try:
         if "url" not in found:
             raise cli.UserError(f"python -m serve {model} did not start: {''.join(lines[-5:]).strip()[-300:]}")
-        yield found["url"]
+        yield found["url"], proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

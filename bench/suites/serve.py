@@ -7,7 +7,6 @@ continuous batching buys.
 from __future__ import annotations
 
 from ..harness import Results
-from ..server import running_server
 from .common import Context
 
 SUITE = "serve"
@@ -27,31 +26,29 @@ def backends(ctx: Context) -> dict:
 
 
 def run(ctx: Context, results: Results) -> None:
-    from serve.loadgen import DEFAULT_PROMPTS, run_load
+    from serve.loadgen import bench_serve
 
     levels = (1, 4) if ctx.quick else (1, 8, 16, 32)
     max_tokens = 8 if ctx.quick else 32
     for name, artifact in backends(ctx).items():
         try:
             model = artifact()
+            rows = bench_serve(str(model), levels, serve_args=["--max-queue", "128"], max_tokens=max_tokens,
+                               requests=4 if ctx.quick else 64)
         except Exception as e:  # reported, and the other backends still run
-            results.skip(SUITE, name, f"no artifact: {type(e).__name__}: {e}")
+            results.skip(SUITE, name, f"{type(e).__name__}: {str(e).strip()[:300]}")
+            ctx.progress(f"not run: serve {name}: {e}")
             continue
-        args = ["--max-batch-size", "32", "--max-queue", "128", "--threads", str(ctx.threads)]
-        with running_server(model, *args) as (url, _):
-            run_load(url, DEFAULT_PROMPTS[:2], 2, 4)  # warm-up
-            single = None
-            for c in levels:
-                r = run_load(url, DEFAULT_PROMPTS, c, max_tokens, requests=max(16, 2 * c) if not ctx.quick else 4)
-                case = f"{c} clients"
-                single = single or r["tokens_per_s"]
-                extra = {"concurrency": c, "requests": r["requests"], "max_tokens": max_tokens}
-                results.add(SUITE, case, name, "throughput", r["tokens_per_s"], "tokens/s",
-                            speedup_vs_sequential=r["tokens_per_s"] / single if single else None, **extra)
-                for m in ("ttft", "itl", "e2e"):
-                    for q in ("p50", "p99"):
-                        results.add(SUITE, case, name, f"{m} {q}", 1e3 * r[f"{m}_{q}_s"], "ms", **extra)
-                results.add(SUITE, case, name, "errors", r["errors"], "requests", **extra)
-                ctx.progress(f"serve {name} @{c}: {r['tokens_per_s']:.0f} tok/s "
-                             f"({r['tokens_per_s'] / single:.1f}x one at a time), "
-                             f"TTFT p99 {1e3 * r['ttft_p99_s']:.0f} ms, errors {r['errors']}")
+        single = rows[0]["tokens_per_s"]  # concurrency 1: the same requests one at a time
+        for r in rows:
+            c = r["concurrency"]
+            extra = {"concurrency": c, "requests": r["requests"], "max_tokens": max_tokens}
+            speedup = r["tokens_per_s"] / single if single else None
+            results.add(SUITE, f"{c} clients", name, "throughput", r["tokens_per_s"], "tokens/s",
+                        speedup_vs_one_at_a_time=speedup, **extra)
+            for m in ("ttft", "itl", "e2e"):
+                for q in ("p50", "p99"):
+                    results.add(SUITE, f"{c} clients", name, f"{m} {q}", 1e3 * r[f"{m}_{q}_s"], "ms", **extra)
+            results.add(SUITE, f"{c} clients", name, "errors", r["errors"], "requests", **extra)
+            ctx.progress(f"serve {name} @{c}: {r['tokens_per_s']:.0f} tok/s ({speedup or 0:.1f}x one at a time), "
+                         f"TTFT p99 {1e3 * r['ttft_p99_s']:.0f} ms, errors {r['errors']}")
