@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": {"path": str(ckpt), "config": ctx.config.to_dict(),
                        "trained_steps": ctx.meta.get("step"), "params": ctx.model.num_params()},
         "quick": args.quick,
-        "accelerator_present": device,
+        "gpu": device == "cuda",
         "elapsed_s": round(time.perf_counter() - started, 1),
         "rows": results.rows,
         "skipped": results.skipped,

@@ -28,6 +28,7 @@ class Spec:
     quantize: Optional[str] = None  # torch backend: int8-weight | int8-dynamic
     compile: bool = False
     kernels: bool = False
+    device: str = "cpu"
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -45,9 +46,9 @@ def load_backend(spec: Spec, threads: int):
     if spec.compile:
         from model import load_checkpoint
 
-        model, tokenizer, _ = load_checkpoint(spec.path)
+        model, tokenizer, _ = load_checkpoint(spec.path, device=spec.device)
         return TorchBackend(spec.path, model=torch.compile(model, dynamic=True), tokenizer=tokenizer)
-    return TorchBackend(spec.path, quantize=spec.quantize, kernels=spec.kernels)
+    return TorchBackend(spec.path, device=spec.device, quantize=spec.quantize, kernels=spec.kernels)
 
 
 def file_bytes(spec: Spec) -> Optional[int]:
@@ -60,7 +61,14 @@ def file_bytes(spec: Spec) -> Optional[int]:
 
 def inference_variants(ctx: Context) -> dict[str, Callable[[], Spec]]:
     work = ctx.workdir
-    ckpt = str(ctx.checkpoint)
+
+    @functools.cache
+    def weights() -> str:
+        """The model alone (weights, config, tokenizer) as safetensors: the training checkpoint also holds the
+        optimizer state, which would double its size in the file-size column."""
+        from model import save_safetensors
+
+        return str(save_safetensors(work / "model.safetensors", ctx.model, ctx.tokenizer, ctx.meta))
 
     @functools.cache
     def onnx_fp32() -> Path:
@@ -97,17 +105,17 @@ def inference_variants(ctx: Context) -> dict[str, Callable[[], Spec]]:
     def kernels_patched() -> Spec:
         if not torch.cuda.is_available():
             raise Unsupported("Triton kernels need a CUDA GPU (on CPU, patch() runs the PyTorch references)")
-        return Spec("torch", ckpt, kernels=True, note="kernels.patch()")
+        return Spec("torch", weights(), kernels=True, device="cuda", note="kernels.patch()")
 
     def tensorrt() -> Spec:
         raise Unsupported("TensorRT is not installable here (needs NVIDIA's package index and a GPU)")
 
     finetune = 0 if ctx.quick else 60  # steps of masked fine-tuning after structured pruning
     return {
-        "torch eager fp32": lambda: Spec("torch", ckpt),
-        "torch.compile": lambda: Spec("torch", ckpt, compile=True, note="inductor, dynamic shapes"),
-        "torch int8 weight-only": lambda: Spec("torch", ckpt, quantize="int8-weight", note="quantized at load"),
-        "torch int8 dynamic": lambda: Spec("torch", ckpt, quantize="int8-dynamic", note="quantized at load"),
+        "torch eager fp32": lambda: Spec("torch", weights()),
+        "torch.compile": lambda: Spec("torch", weights(), compile=True, note="inductor, dynamic shapes"),
+        "torch int8 weight-only": lambda: Spec("torch", weights(), quantize="int8-weight", note="quantized at load"),
+        "torch int8 dynamic": lambda: Spec("torch", weights(), quantize="int8-dynamic", note="quantized at load"),
         "torch + Triton kernels": kernels_patched,
         "ort fp32": lambda: Spec("onnxruntime", str(onnx_fp32()), note="graph optimizations: all"),
         "ort fp16": fp16,
