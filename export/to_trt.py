@@ -279,8 +279,8 @@ def prepare_onnx(source: Path, precision: str, say=print) -> Path:
             return out
         say("note: bf16 exports are not validated with ONNX Runtime (its CPU provider has no bf16 kernels)")
         return export_onnx(source, out, dtype="bf16", validate=False, progress=say).path
-    raise UserError(f"fp8 engines are built from an FP8 Q/DQ .onnx, not a checkpoint (quantize to FP8 first, then "
-                    f"python -m export.to_trt MODEL.onnx --precision fp8)")
+    raise UserError("fp8 engines are built from an FP8 Q/DQ .onnx, not a checkpoint (quantize to FP8 first, then "
+                    "python -m export.to_trt MODEL.onnx --precision fp8)")
 
 
 def _int8(fp32_onnx: Path, say) -> Path:

@@ -223,7 +223,6 @@ def prune_heads(model, sparsity: float, head_scores: list[torch.Tensor]):
         q_rows = torch.tensor([h * D + d for h in q_heads for d in range(D)])
         kv_rows = torch.tensor([g * D + d for g in keep_groups for d in range(D)])
         a = block.attn
-        nb = new.blocks[i].attn
         for name, lin in (("q_proj", _slice_linear(a.q_proj, rows=q_rows)), ("k_proj", _slice_linear(a.k_proj, rows=kv_rows)),
                           ("v_proj", _slice_linear(a.v_proj, rows=kv_rows)), ("o_proj", _slice_linear(a.o_proj, cols=q_rows))):
             for pname, p in lin.named_parameters():

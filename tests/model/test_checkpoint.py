@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from model import load_checkpoint, save_checkpoint, save_safetensors
+from model import load_checkpoint, save_checkpoint
 from model.cli import UserError
 from model.checkpoint import read_checkpoint
 
