@@ -22,6 +22,7 @@ import numpy as np
 
 from model import cli
 from model.cli import UserError
+from model.generate import print_stream
 
 from .onnx_meta import gpt_config, parse_hotpath_metadata, tokenizer_of
 
@@ -230,18 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(prompt_ids) > ctx:
         raise UserError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx} (shorten it)")
     print(f"note: {Path(args.model).name} on {dec.provider}, {dec.dtype.name}", file=sys.stderr)
-    sys.stdout.write(args.prompt)
-    out: list[int] = []
-    printed = ""
-    for token in dec.stream(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, eos_id=dec.tokenizer.token_to_id("<|endoftext|>")):
-        out.append(token)
-        text = dec.tokenizer.decode(out)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write("\n")
+    print_stream(dec.tokenizer, args.prompt, dec.stream(
+        prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, eos_id=dec.tokenizer.token_to_id("<|endoftext|>")))
     return 0
 
 

@@ -76,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UserError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx} (shorten it)")
     if len(prompt_ids) + args.max_new_tokens > ctx + 1:
         print(f"note: stopping at the context of {ctx} tokens", file=sys.stderr)
-    sys.stdout.write(args.prompt)
+    print_stream(tokenizer, args.prompt, stream_tokens(
+        model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, eos_id=tokenizer.token_to_id("<|endoftext|>")))
+    return 0
+
+
+def print_stream(tokenizer, prompt: str, tokens: Iterator[int]) -> None:
+    """Write the prompt, then the generated text as it arrives (whole characters only), then a newline."""
+    sys.stdout.write(prompt)
     out: list[int] = []
     printed = ""
-    for token in stream_tokens(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                               eos_id=tokenizer.token_to_id("<|endoftext|>")):
+    for token in tokens:
         out.append(token)
         text = tokenizer.decode(out)
         if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
@@ -89,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             printed = text
     sys.stdout.write("\n")
-    return 0
 
 
 if __name__ == "__main__":
