@@ -77,13 +77,13 @@ def build_corpus(paths: list[str | Path] | None = None, max_bytes: int = 8_000_0
             parts[side].append(text)
             used[side] += len(text)
     train, val = parts["train"], parts["val"]
-    if not train:
+    if not train and not val:
         raise EmptyCorpusError("the corpus has no text")
-    if not val:  # a single user file: hold out its last 5%
-        text = train.pop()
+    if not train or not val:  # e.g. a single user file: hold out the last 5% of the last document
+        docs = train or val
+        text = docs.pop()
         cut = int(len(text) * 0.95)
-        train.append(text[:cut])
-        val.append(text[cut:])
+        train, val = docs + [text[:cut]], [text[cut:]]
         if not train[-1].strip() or not val[-1].strip():
             raise EmptyCorpusError("the corpus is too small to split into train and validation text")
     return Corpus(train, val)

@@ -21,11 +21,14 @@ def test_split_rule_depends_only_on_the_name():
     assert 0.02 < share < 0.09
 
 
-def test_user_files_and_single_file_split(tmp_path):
-    f = tmp_path / "a.txt"
+@pytest.mark.parametrize("held_out", [False, True])
+def test_user_files_and_single_file_split(tmp_path, held_out):
+    # a single file splits 95/5 whichever side of the split its name hashes to
+    name = next(n for n in (f"f{i}.txt" for i in range(1000)) if is_val((tmp_path / n).as_posix()) == held_out)
+    f = tmp_path / name
     f.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     c = build_corpus([f])
-    assert c.train and c.val and c.val[0] in f.read_text()
+    assert c.train and c.val and c.val[0] in f.read_text() and c.train[0] in f.read_text()
 
 
 def test_empty_corpus_is_refused(tmp_path):
