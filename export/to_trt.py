@@ -27,7 +27,6 @@ beside the source and ``<plan>.json`` (TensorRT version, GPU, precision, profile
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any, Optional
 from model import cli
 from model.cli import UserError
 
+from .to_onnx import sha256_file
 from .onnx_meta import gpt_config, read_hotpath_metadata
 from .trt_runtime import FORMAT, FORMAT_VERSION, current_gpu, import_tensorrt, metadata_path
 
@@ -166,14 +166,6 @@ def custom_profile(config, min_s: dict, opt_s: dict, max_s: dict, kv_cache: bool
 
 
 # ------------------------------------------------------------------------------------------------ sources
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def onnx_precision(path: Path) -> str:
     """What an ONNX file holds: int8 / fp8 (Q/DQ nodes), uint8-qdq (asymmetric, unusable by TensorRT), else the
     hotpath.dtype metadata (fp32 / fp16)."""
