@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # the stamp changes whenever pyproject.toml does, so dependency edits reinstall
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup test test-fast bench bench-quick bench-serve profile clean
+.PHONY: setup lint test test-fast bench bench-quick bench-serve profile clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,serve,ray]'
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: $(STAMP)
 	$(PY) -m pytest -q

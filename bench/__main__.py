@@ -1,4 +1,4 @@
-from model.cli import run
+from common.cli import run
 
 from .cli import main
 

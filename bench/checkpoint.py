@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from model.checkpoint import read_checkpoint
-from model.cli import UserError
+from common.cli import UserError
 
 # ~4 minutes on 2 CPU cores; perplexity well below the unigram model's
 FULL = {"preset": "small", "steps": 250, "batch_size": 16, "corpus_bytes": 8_000_000, "vocab_size": 4096}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from model import cli
+from common import cli
 
 from .checkpoint import ensure_checkpoint
 from .harness import Results, machine_info

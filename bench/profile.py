@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from model import cli
+from common import cli
 
 from .checkpoint import ensure_checkpoint
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model import cli
+from common import cli
 
 from .table import markdown, suite_table
 

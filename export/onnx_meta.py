@@ -23,7 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from model.cli import UserError
+from common.errors import UserError
+from common.version import hotpath_version
 
 PREFIX = "hotpath."
 CONFIG, TOKENIZER, VERSION, SOURCE_SHA256, KV_CACHE, DTYPE = (
@@ -31,23 +32,6 @@ CONFIG, TOKENIZER, VERSION, SOURCE_SHA256, KV_CACHE, DTYPE = (
     "hotpath.dtype")
 REQUIRED = (CONFIG, TOKENIZER, KV_CACHE)
 DTYPES = ("fp32", "fp16", "bf16")
-
-
-def hotpath_version() -> str:
-    """The installed hotpath version, or the one in the source tree's pyproject.toml."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("hotpath")
-    except PackageNotFoundError:
-        pass
-    try:
-        import tomllib
-
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        return tomllib.loads(pyproject.read_text())["project"]["version"]
-    except (OSError, KeyError, ValueError):
-        return "unknown"
 
 
 def make_hotpath_metadata(config, tokenizer, *, source_sha256: str, kv_cache: bool, dtype: str) -> dict[str, str]:

@@ -20,33 +20,17 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from model import cli
-from model.cli import UserError
+from common import cli
+from common.cli import UserError
 from model.generate import print_stream
 
 from .onnx_meta import gpt_config, parse_hotpath_metadata, tokenizer_of
+from .ort_session import open_session
 
 Past = list[tuple[np.ndarray, np.ndarray]]
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                "tensor(bfloat16)": np.float32}
-# preferred execution providers, best first; the TensorRT EP is used only when asked for (it builds an engine per
-# new shape on first use, minutes for a dynamic-shape decoder; export.to_trt builds one engine with profiles instead)
-_PREFERRED = ("CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-def choose_providers(providers: Optional[Sequence[str]] = None) -> list[str]:
-    """The execution providers to ask for: `providers` as given (checked), else CUDA when available, then CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if providers:
-        missing = [p for p in providers if p not in available]
-        if missing:
-            raise UserError(f"ONNX Runtime here lacks {', '.join(missing)} (available: {', '.join(available)}; "
-                            "install onnxruntime-gpu for CUDA/TensorRT)")
-        return list(providers)
-    return [p for p in _PREFERRED if p in available] or ["CPUExecutionProvider"]
 
 
 def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,23 +63,8 @@ class OnnxDecoder:
 
     def __init__(self, path: str | os.PathLike, *, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None):
-        import onnxruntime as ort
-
         self.path = cli.existing_file(path, "ONNX model")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only
-        if threads is not None:
-            if threads < 1:
-                raise UserError(f"threads={threads} must be at least 1")
-            options.intra_op_num_threads = int(threads)
-        chosen = choose_providers(providers)
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=chosen)
-        except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"{self.path} is not a hotpath export ONNX Runtime can load ({first}); "
-                            "export a checkpoint with python -m export.to_onnx") from e
+        self.session = open_session(self.path, providers=providers, threads=threads)
         self.metadata = parse_hotpath_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
         self.config = gpt_config(self.metadata)
         self.tokenizer = tokenizer_of(self.metadata)

@@ -41,8 +41,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from model import cli
-from model.cli import UserError
+from common import cli
+from common.files import sha256_file
+from common.cli import UserError
 from model.gpt import GPT, sdpa_attention
 
 from .onnx_meta import make_hotpath_metadata
@@ -203,14 +204,6 @@ def _name_total_length(ir_model) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def sha256_weights(model: nn.Module) -> str:
     """A hash of an in-memory model's weights (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256()

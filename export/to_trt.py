@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from model import cli
-from model.cli import UserError
+from common import cli
+from common.cli import UserError
+from common.files import sha256_file
 
-from .to_onnx import sha256_file
 from .onnx_meta import gpt_config, read_hotpath_metadata
 from .trt_runtime import FORMAT, FORMAT_VERSION, current_gpu, import_tensorrt, metadata_path
 
@@ -289,7 +289,7 @@ def engine_metadata(*, trt_version: str, gpu: dict, precision: str, sparsity: bo
                     source: Path, source_sha256: str, onnx_path: Path, onnx_meta: dict, workspace_gib: float,
                     timing_cache: Optional[Path], build_seconds: float) -> dict[str, Any]:
     """The JSON written beside a plan (read back by trt_runtime.TrtEngine)."""
-    from .onnx_meta import hotpath_version
+    from common.version import hotpath_version
 
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from model.cli import UserError
+from common.cli import UserError
 
 FORMAT = "hotpath-trt"
 FORMAT_VERSION = 1

@@ -19,7 +19,7 @@ __all__ = ["onnx_translation_table", "attention_fwd_onnx"]
 
 
 def _op():
-    from onnxscript import opset18  # noqa: PLC0415 - imported lazily on purpose
+    from onnxscript import opset18  # imported lazily on purpose
 
     return opset18
 

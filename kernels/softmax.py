@@ -316,7 +316,7 @@ def softmax_onnx(x, scale: float = 1.0, causal: bool = False):
     Same semantics as the kernel: fp32 math, bottom-right causal mask from runtime shapes (dynamic T and S work),
     rows with nothing visible give zeros. Used through ``kernels.onnx_translation_table()``.
     """
-    from onnxscript import opset18 as op  # noqa: PLC0415 - imported lazily so `import kernels` stays light
+    from onnxscript import opset18 as op  # lazily: `import kernels` stays light
 
     f32 = 1  # onnx.TensorProto.FLOAT
     z = op.Mul(op.Cast(x, to=f32), op.Constant(value_float=float(scale)))

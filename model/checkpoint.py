@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from tokenizers import Tokenizer
 
-from .cli import UserError, atomic_path, existing_file
+from common.cli import UserError, atomic_path, existing_file
 from .gpt import GPT, GPTConfig
 
 FORMAT = "hotpath-ckpt"

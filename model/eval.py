@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-from . import cli
+from common import cli
 from .checkpoint import load_checkpoint
 from .corpus import EmptyCorpusError, build_corpus
 from .data import TokenData, evaluate_loss, unigram_perplexity

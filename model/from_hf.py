@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from . import cli
+from common import cli
 from .checkpoint import save_checkpoint
 from .gpt import GPT, GPTConfig
 

@@ -6,7 +6,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import cli
+from common import cli
 from .checkpoint import load_checkpoint
 from .gpt import GPT
 from .sampling import sample_next

@@ -16,14 +16,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import cli
+from common import cli
+from common.version import hotpath_version
+
 from .checkpoint import _unwrap, load_checkpoint, read_checkpoint, save_checkpoint
 from .corpus import EmptyCorpusError, build_corpus
 from .data import TokenData, evaluate_loss, random_batch, unigram_perplexity
 from .gpt import GPT, GPTConfig
 from .tokenizer import train_tokenizer
 
-VERSION = "0.1.0"
 
 
 def build_parser():
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
             kernels.unpatch(model)
         meta = {
-            "hotpath_version": VERSION,
+            "hotpath_version": hotpath_version(),
             "step": stop,
             "tokens_seen": int(meta.get("tokens_seen", 0)) + tokens_per_step * steps_run,
             "val_loss": val_loss,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from model import cli
+from common import cli
 
 from . import report as R
 from .api import ALL_MODES, run_quantization

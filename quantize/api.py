@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from model.cli import UserError, existing_file
+from common.cli import UserError, existing_file
 
 from . import report as R
 from .onnx_quant import ONNX_MODES, default_output, quantize_onnx

@@ -36,7 +36,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import onnx
 
-from model.cli import UserError, atomic_path, existing_file
+from common.cli import UserError, atomic_path, existing_file
 
 from . import report as R
 

@@ -33,8 +33,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from model import cli
-from model.cli import UserError
+from common import cli
+from common.cli import UserError
 from model.data import eval_windows, random_batch
 
 from . import report as R

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from model.cli import UserError
+from common.cli import UserError
 from model.corpus import EmptyCorpusError, build_corpus
 from model.data import TokenData, eval_windows
 

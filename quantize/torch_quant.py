@@ -66,7 +66,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        from model.cli import UserError
+        from common.cli import UserError
 
         raise UserError(f"unknown torch quantization mode {mode!r} (choose from {', '.join(MODES)})")
 

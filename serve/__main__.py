@@ -13,8 +13,8 @@ import signal
 import socket
 from pathlib import Path
 
-from model import cli
-from model.cli import UserError
+from common import cli
+from common.cli import UserError
 
 from .backends import BACKENDS, load_backend
 from .backends.torch_backend import QUANT_MODES

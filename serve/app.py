@@ -22,6 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from common.version import hotpath_version
+
 from .engine import Engine, EngineError, EngineStopped, QueueFull, RequestHandle, SamplingParams
 from .metrics import CONTENT_TYPE, Metrics
 
@@ -401,7 +403,7 @@ def create_app(backend, *, model_name: str = "model", max_batch_size: int = 16, 
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "hotpath", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+        return {"name": "hotpath", "version": hotpath_version(), "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live")
     async def live():

@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Sequence
 import httpx
 import numpy as np
 
-from model import cli
+from common import cli
 
 DEFAULT_PROMPTS = [
     "def ", "import os\n", "class Config:\n    def __init__(self", "for i in range(", "return self.",

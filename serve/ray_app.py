@@ -35,7 +35,7 @@ class HotpathDeployment:
 
         from .engine import Engine
 
-        from model import cli
+        from common import cli
 
         if hasattr(cli, "flush_denormals"):  # as every hotpath CLI does: subnormal softmax tails are slow on x86
             cli.flush_denormals()

@@ -1,4 +1,17 @@
 import os
+import shutil
+import tempfile
+
+# Tests never read or write state outside the checkout and the temp folder: every cache a library keeps in the
+# home folder points at a folder of this session, removed at its end. A warm Triton cache in ~/.triton once hid a
+# compile error (the compiler never ran). Set before torch, triton or transformers are imported; subprocesses
+# started by tests inherit these.
+_CACHE_ROOT = tempfile.mkdtemp(prefix="hotpath-test-caches-")
+for _var, _sub in (("TRITON_CACHE_DIR", "triton"), ("TRITON_HOME", "triton-home"),
+                   ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("HF_HOME", "huggingface"),
+                   ("XDG_CACHE_HOME", "xdg"), ("MPLCONFIGDIR", "matplotlib")):
+    os.environ[_var] = os.path.join(_CACHE_ROOT, _sub)
+os.environ["HF_HUB_OFFLINE"] = "1"  # no hub downloads, ever
 
 # Without a GPU, run hotpath's Triton kernels in Triton's interpreter; must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -16,6 +29,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

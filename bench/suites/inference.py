@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from model.cli import flush_denormals
+from common.cli import flush_denormals
 
 from ..harness import Results, Timing, measure, peak_rss_mb, reset_peak_rss, rss_mb
 from . import variants as V
@@ -169,7 +169,7 @@ def run_worker(name: str, spec: V.Spec, ctx: Context) -> tuple[list[dict], Optio
 
 def worker_main() -> None:
     job = json.loads(sys.stdin.read())
-    flush_denormals()  # as every hotpath command does (model.cli.run)
+    flush_denormals()  # as every hotpath command does (common.cli.run)
     torch.set_num_threads(job["threads"])
     ctx = Context(checkpoint=Path(job["checkpoint"]), quick=job["quick"], threads=job["threads"],
                   device=job["device"], workdir=Path(job["workdir"]))

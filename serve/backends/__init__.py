@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from model.cli import UserError, existing_file
+from common.cli import UserError, existing_file
 
 from .base import Backend, BaseBackend, KVCache
 

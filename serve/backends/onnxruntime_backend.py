@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model.cli import UserError
+from common.cli import UserError
 
 from .base import BaseBackend, KVCache, eos_of
 

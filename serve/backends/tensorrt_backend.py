@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from model.cli import UserError
+from common.cli import UserError
 
 from .base import BaseBackend, KVCache, eos_of
 

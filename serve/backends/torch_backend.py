@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.cli import UserError
+from common.cli import UserError
 
 from .base import BaseBackend, KVCache, eos_of
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from export.onnx_runtime import OnnxDecoder, main, pad_left
-from model.cli import UserError
+from common.cli import UserError
 from model.generate import generate
 
 

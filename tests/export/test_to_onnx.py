@@ -12,8 +12,8 @@ from export import onnx_meta
 from export.onnx_meta import read_hotpath_metadata, set_metadata_props
 from export.to_onnx import export_onnx, failed_path, main, save_model
 from export.validate import TOLERANCES, Tolerance
-from model import cli
-from model.cli import UserError
+from common import cli
+from common.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 

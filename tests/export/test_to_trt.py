@@ -18,8 +18,8 @@ from export import to_trt, trt_runtime
 from export.to_trt import (Profile, custom_profile, default_plan_path, default_profiles, onnx_precision,
                            parse_shapes, plan_build)
 from export.trt_runtime import check_compatible, metadata_path, read_engine_metadata, select_profile
-from model import cli
-from model.cli import UserError
+from common import cli
+from common.cli import UserError
 from model.gpt import GPTConfig
 
 CFG = GPTConfig.preset("tiny", vocab_size=512, n_kv_head=2)  # block 64, 2 layers, kv 2, head_dim 16

@@ -326,7 +326,7 @@ def test_kernel_compiles_for_hopper_with_vector_accesses():
     """The compiled path builds for sm_90 (fp32, and bf16 with master weights); full chunks of 16-byte aligned
     tensors (addresses read from the table, hinted aligned) get 16-byte vector loads and stores: only the table
     entries and the step / scaler scalars are scalar loads."""
-    from tests.kernels.test_softmax import aot_compile_sm90
+    from tests.helpers import aot_compile_sm90
 
     floats = ["lr", "decay", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1", "log_beta2", "eps"]
     jobs = []

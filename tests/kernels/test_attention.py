@@ -6,6 +6,7 @@ block (INTERPRET_BLOCK_M x INTERPRET_BLOCK_N = 32 x 32): 1, block - 1, block, bl
 (decode, chunked prefill), T > S (causal rows that attend nothing), MHA / GQA / MQA.
 """
 import importlib
+import inspect
 import zlib
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import _dispatch
+from tests.helpers import aot_compile_sm90
 from tests.tolerances import assert_close_fp32, assert_half_within_torch_error
 
 A = importlib.import_module("kernels.attention")  # the module (`kernels.attention` is the function)
@@ -286,38 +288,19 @@ def test_onnx_export_fp16(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
 def test_kernels_compile_for_hopper():
-    """Compile every kernel ahead of time for sm_90 (Triton -> PTX -> cubin with the ptxas Triton ships): catches
-    type/shape errors in the compiled path the interpreter does not see. One bf16 config; shared memory checked."""
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction  # not triton.jit: that returns the interpreter under TRITON_INTERPRET
-
-    def signature(fn, consts):
-        sig = {}
-        for name in inspect.signature(fn).parameters:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*fp32" if name in ("lse_ptr", "delta_ptr") else "*bf16"
-            else:
-                sig[name] = "fp32" if name in ("qk_scale", "scale") else "i32"
-        return sig
-
+    """Compile every kernel ahead of time for sm_90 (Triton -> PTX -> cubin with the ptxas Triton ships), in a fresh
+    process: catches type/shape errors in the compiled path the interpreter does not see. One bf16 config; shared
+    memory checked."""
     attn = dict(CAUSAL=True, HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, DOT_FP32=False, PRECISION="tf32")
-    kernels_consts = [(A._attn_fwd_kernel, attn), (A._attn_bwd_dkdv_kernel, attn), (A._attn_bwd_dq_kernel, attn),
-                      (A._attn_bwd_preprocess_kernel, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64))]
-    for raw, consts in kernels_consts:
-        src = ASTSource(JITFunction(raw), signature(raw, consts), constexprs=consts)
-        try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
-        except RuntimeError as e:
-            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
-                pytest.skip(f"no ptxas: {e}")
-            raise
-        assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024, raw.__name__
+    kernels_consts = [("_attn_fwd_kernel", attn), ("_attn_bwd_dkdv_kernel", attn), ("_attn_bwd_dq_kernel", attn),
+                      ("_attn_bwd_preprocess_kernel", dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64))]
+    jobs = []
+    for name, consts in kernels_consts:
+        params = inspect.signature(getattr(A, name)).parameters
+        ptrs = {p: "*fp32" if p in ("lse_ptr", "delta_ptr") else "*bf16" for p in params if p.endswith("_ptr")}
+        jobs.append(["kernels.attention", name, consts, 4, ptrs, ["qk_scale", "scale"], [], {"num_stages": 3}])
+    for out in aot_compile_sm90(jobs):
+        assert out["cubin"] and out["shared"] <= 227 * 1024, out["name"]
 
 
 @pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")

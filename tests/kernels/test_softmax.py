@@ -17,6 +17,7 @@ import torch
 
 import kernels
 from kernels import _dispatch
+from tests.helpers import aot_compile_sm90
 from tests.tolerances import assert_close_fp32, assert_half_within_torch_error
 
 S = importlib.import_module("kernels.softmax")  # the module (`kernels.softmax` is the function)
@@ -233,56 +234,6 @@ def test_onnx_export_fp16(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the GPU path, as far as a machine without a GPU can take it
 # ---------------------------------------------------------------------------------------------------------------
-_AOT_SCRIPT = r"""
-import importlib, inspect, json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
-results = []
-for module, name, consts, num_warps, ptr_types, float_args, aligned_ints in json.loads(sys.argv[1]):
-    raw = getattr(importlib.import_module(module), name)
-    names = list(inspect.signature(raw).parameters)
-    sig = {n: "constexpr" if n in consts else ptr_types.get(n) or ("fp32" if n in float_args else "i32")
-           for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptr_types or n in aligned_ints}
-    src = ASTSource(JITFunction(raw), sig, constexprs=consts, attrs=attrs)
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    except RuntimeError as e:
-        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
-            print(json.dumps({"skip": str(e)}))
-            sys.exit(0)
-        raise
-    ptx = compiled.asm["ptx"]
-    results.append({"name": name, "consts": consts, "cubin": "cubin" in compiled.asm,
-                    "shared": compiled.metadata.shared, "loads": re.findall(r"ld\.global[.\w]*", ptx),
-                    "stores": re.findall(r"st\.global[.\w]*", ptx)})
-print(json.dumps(results))
-"""
-
-
-def aot_compile_sm90(jobs):
-    """Compile kernels ahead of time for sm_90 (Triton -> PTX -> cubin) with the specialisation the launcher gets
-    at run time for 16-byte aligned tensors and 16-divisible sizes. ``jobs``: (module, kernel name, constexprs,
-    num_warps, {pointer arg: type}, float args, 16-divisible int args). Runs in one fresh process: the
-    interpreter, once used in this one, leaves triton.language patched. Returns, per job, {cubin, shared, loads,
-    stores} with the PTX global access kinds."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if isinstance(out, dict) and "skip" in out:
-        pytest.skip(f"no ptxas: {out['skip']}")
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
 def test_kernels_compile_for_hopper_with_vector_accesses():

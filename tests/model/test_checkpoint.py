@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import load_checkpoint, save_checkpoint
-from model.cli import UserError
+from common.cli import UserError
 from model.checkpoint import read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _run_main(main, argv, capsys):
     with pytest.raises(SystemExit) as e:
-        from model.cli import run
+        from common.cli import run
 
         run(main, argv)
     err = capsys.readouterr().err

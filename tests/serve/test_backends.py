@@ -10,7 +10,7 @@ import openai
 import pytest
 import torch
 
-from model.cli import UserError
+from common.cli import UserError
 from model.generate import generate
 from serve.backends import load_backend
 from serve.backends.base import Backend

@@ -1,0 +1,61 @@
+"""Facts about the machine recorded beside every measurement: CPU model, cores, threads, GPU, library versions."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import platform
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+LIBRARIES = ("torch", "triton", "onnxruntime", "onnx", "tokenizers")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else what `platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, Optional[str]]:
+    """{"python": ..., name: version or None when not installed (or broken)}."""
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:  # noqa: BLE001 - a missing or broken optional library is recorded as None
+            out[name] = None
+    return out
+
+
+def gpu_info() -> dict[str, Any]:
+    """Name, CUDA version and compute capability of GPU 0, or {"gpu": None} without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"gpu": None}
+    return {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+            "cudnn": torch.backends.cudnn.version()}
+
+
+def machine_info(threads: Optional[int] = None) -> dict[str, Any]:
+    """Everything a result needs to be compared with another run's: host, CPU, cores, threads, GPU, versions."""
+    import torch
+
+    return {
+        "host": socket.gethostname(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **gpu_info(),
+        **library_versions(),
+    }
