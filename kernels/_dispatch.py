@@ -7,9 +7,11 @@
 - CPU tensor and TRITON_INTERPRET=1 and Triton    -> Triton kernels in Triton's interpreter
 - anything else (CPU without the flag, no Triton) -> reference
 
-Everything is checked lazily, at call time: importing `kernels` never imports Triton, and the environment
-variable is read when a kernel is first needed. Triton decides interpreter-or-compiler when a function is
-decorated with `triton.jit`, so kernel files decorate their kernels on first use (see `kernels/attention.py`).
+Everything is decided lazily, at call time. Importing `kernels` does import Triton when it is installed (the
+kernel files bind `triton` and `tl` at module level: Triton resolves a kernel's globals, `tl` included, from its
+module) but configures nothing: Triton decides interpreter-or-compiler when a function is decorated with
+`triton.jit`, so kernel files decorate their kernels on first use (see `kernels/flash_attention.py`), and the
+environment variable is read then.
 """
 from __future__ import annotations
 

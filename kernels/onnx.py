@@ -13,18 +13,23 @@ onnxscript is imported only when a translation runs, so `import kernels` stays l
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["onnx_translation_table", "attention_fwd_onnx"]
+__all__ = ["onnx_translation_table", "attention_fwd_onnx", "softmax_onnx"]
+
+# The exporter reads the annotations of a translation: float/bool parameters become ONNX attributes, and a tensor
+# parameter must stay an input of any type, which `Any` (like no annotation) gives.
+OnnxValue = Any
 
 
-def _op():
+def _op() -> Any:
     from onnxscript import opset18  # imported lazily on purpose
 
     return opset18
 
 
-def attention_fwd_onnx(q, k, v, causal: bool = True, scale: float = 1.0):
+def attention_fwd_onnx(q: OnnxValue, k: OnnxValue, v: OnnxValue, causal: bool = True,
+                       scale: float = 1.0) -> tuple[OnnxValue, OnnxValue]:
     """hotpath::attention_fwd(q, k, v, causal, scale) -> (o, lse) with standard ONNX ops (opset 18).
 
     q (B, H, T, D), k/v (B, H_kv, S, D). Grouped heads by a reshape to (B, H_kv, G, T, D) and broadcasting MatMul,
@@ -69,14 +74,39 @@ def attention_fwd_onnx(q, k, v, causal: bool = True, scale: float = 1.0):
     return o, lse
 
 
+def softmax_onnx(x: OnnxValue, scale: float = 1.0, causal: bool = False) -> OnnxValue:
+    """hotpath::softmax(x, scale, causal) with standard ONNX ops (opset 18).
+
+    Same semantics as the kernel: fp32 math, bottom-right causal mask from runtime shapes (dynamic T and S work),
+    rows with nothing visible give zeros.
+    """
+    op = _op()
+    f32 = 1  # onnx.TensorProto.FLOAT
+    z = op.Mul(op.Cast(x, to=f32), op.Constant(value_float=float(scale)))
+    if causal:
+        t = op.Squeeze(op.Shape(x, start=-2, end=-1), [0])
+        s = op.Squeeze(op.Shape(x, start=-1), [0])
+        zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+        rows = op.Unsqueeze(op.Add(op.Range(zero, t, one), op.Sub(s, t)), [1])  # (T, 1): i + S - T
+        cols = op.Unsqueeze(op.Range(zero, s, one), [0])  # (1, S)
+        z = op.Where(op.LessOrEqual(cols, rows), z, op.Constant(value_float=float("-inf")))
+    m = op.ReduceMax(z, [-1], keepdims=1)
+    m = op.Where(op.IsInf(m), op.Constant(value_float=0.0), m)
+    p = op.Exp(op.Sub(z, m))
+    d = op.ReduceSum(p, [-1], keepdims=1)
+    empty = op.Equal(d, op.Constant(value_float=0.0))
+    y = op.Div(p, op.Where(empty, op.Constant(value_float=1.0), d))
+    return op.CastLike(y, x)
+
+
 def onnx_translation_table() -> dict[object, Callable]:
     """{op overload: onnxscript translation} for every `hotpath::` op, to pass as custom_translation_table."""
     import torch
 
-    from . import attention as _attention  # noqa: F401 - registers torch.ops.hotpath.attention_*
+    from . import flash_attention, fused_softmax  # noqa: F401 - they register torch.ops.hotpath.*
 
     return {
         torch.ops.hotpath.attention_fwd.default: attention_fwd_onnx,
-        torch.ops.hotpath.softmax.default: __import__(f"{__package__}.softmax", fromlist=["_"]).softmax_onnx,
+        torch.ops.hotpath.softmax.default: softmax_onnx,
         # one line per op, e.g. torch.ops.hotpath.softmax_fwd.default: softmax_fwd_onnx,
     }

@@ -30,8 +30,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .attention import attention
-from .softmax import softmax
+from .flash_attention import attention
+from .fused_softmax import softmax
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "Softmax", "Attention", "KernelAttnFn", "hf_attention",
            "HF_ATTN_IMPLEMENTATION"]

@@ -5,7 +5,6 @@ a float64 reference under the rules of tests/tolerances.py. Shapes are placed ar
 block (INTERPRET_BLOCK_M x INTERPRET_BLOCK_N = 32 x 32): 1, block - 1, block, block + 1, odd lengths, T < S
 (decode, chunked prefill), T > S (causal rows that attend nothing), MHA / GQA / MQA.
 """
-import importlib
 import inspect
 import zlib
 
@@ -15,10 +14,10 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import _dispatch
+from kernels import flash_attention as A
 from tests.helpers import aot_compile_sm90
 from tests.tolerances import assert_close_fp32, assert_half_within_torch_error
 
-A = importlib.import_module("kernels.attention")  # the module (`kernels.attention` is the function)
 BM, BN = A.INTERPRET_BLOCK_M, A.INTERPRET_BLOCK_N
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS_TRITON = _dispatch.use_triton(torch.empty(0, device=DEVICE))
@@ -298,7 +297,7 @@ def test_kernels_compile_for_hopper():
     for name, consts in kernels_consts:
         params = inspect.signature(getattr(A, name)).parameters
         ptrs = {p: "*fp32" if p in ("lse_ptr", "delta_ptr") else "*bf16" for p in params if p.endswith("_ptr")}
-        jobs.append(["kernels.attention", name, consts, 4, ptrs, ["qk_scale", "scale"], [], {"num_stages": 3}])
+        jobs.append(["kernels.flash_attention", name, consts, 4, ptrs, ["qk_scale", "scale"], [], {"num_stages": 3}])
     for out in aot_compile_sm90(jobs):
         assert out["cubin"] and out["shared"] <= 227 * 1024, out["name"]
 

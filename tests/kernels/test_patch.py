@@ -19,7 +19,6 @@ from model.gpt import GPT, GPTConfig
 from tests.tolerances import assert_close_fp32
 
 P = importlib.import_module("kernels.patch")  # the module (`kernels.patch` is the function)
-SM = importlib.import_module("kernels.softmax")
 
 
 def _gen(key):

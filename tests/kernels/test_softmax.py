@@ -6,7 +6,6 @@ online (multi-block) path for rows longer than one block, forced on short rows b
 (``_MAX_BLOCK`` = 64, ``_ONLINE_BLOCK`` = 32), so lengths 1, 31-33, 63-65 and 300 sit on the block boundaries.
 Causal shapes cover T == S, T < S (bottom-right alignment) and T > S (top rows see nothing -> zeros).
 """
-import importlib
 import os
 import zlib
 
@@ -17,10 +16,10 @@ import torch
 
 import kernels
 from kernels import _dispatch
+from kernels import fused_softmax as S
 from tests.helpers import aot_compile_sm90
 from tests.tolerances import assert_close_fp32, assert_half_within_torch_error
 
-S = importlib.import_module("kernels.softmax")  # the module (`kernels.softmax` is the function)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS_TRITON = _dispatch.use_triton(torch.empty(0, device=DEVICE))
 
@@ -246,7 +245,7 @@ def test_kernels_compile_for_hopper_with_vector_accesses():
                                   ("_softmax_bwd_kernel", ("y_ptr", "dy_ptr", "dx_ptr"), "scale")):
             consts = dict(CAUSAL=True, BLOCK=block, SINGLE=single, EVEN_N=True)
             strides = ["stride_x", "stride_y", "stride_dy", "stride_dx", "N"]
-            jobs.append(["kernels.softmax", name, consts, warps, {p: "*bf16" for p in ptrs}, [scale], strides])
+            jobs.append(["kernels.fused_softmax", name, consts, warps, {p: "*bf16" for p in ptrs}, [scale], strides])
     for out in aot_compile_sm90(jobs):
         accesses = out["loads"] + out["stores"]
         assert out["cubin"] and accesses and all(".v4." in a for a in accesses), (out, sorted(set(accesses)))

@@ -40,7 +40,7 @@ import torch
 
 from ._dispatch import interpreting, use_triton
 
-__all__ = ["softmax", "softmax_ref", "softmax_backward_ref", "softmax_forward", "softmax_backward", "softmax_onnx"]
+__all__ = ["softmax", "softmax_ref", "softmax_backward_ref", "softmax_forward", "softmax_backward"]
 
 _MAX_BLOCK = 32768  # rows up to this length run in one block (one read); longer rows use the online path
 _ONLINE_BLOCK = 4096  # block of the online (multi-block) path
@@ -308,29 +308,3 @@ def softmax(x: torch.Tensor, *, scale: float = 1.0, causal: bool = False) -> tor
     """
     _check(x, causal)
     return _softmax_op(x, float(scale), bool(causal))
-
-
-def softmax_onnx(x, scale: float = 1.0, causal: bool = False):
-    """ONNX translation of ``hotpath::softmax`` (an onnxscript function traced by the exporter, opset 18).
-
-    Same semantics as the kernel: fp32 math, bottom-right causal mask from runtime shapes (dynamic T and S work),
-    rows with nothing visible give zeros. Used through ``kernels.onnx_translation_table()``.
-    """
-    from onnxscript import opset18 as op  # lazily: `import kernels` stays light
-
-    f32 = 1  # onnx.TensorProto.FLOAT
-    z = op.Mul(op.Cast(x, to=f32), op.Constant(value_float=float(scale)))
-    if causal:
-        t = op.Squeeze(op.Shape(x, start=-2, end=-1), [0])
-        s = op.Squeeze(op.Shape(x, start=-1), [0])
-        zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
-        rows = op.Unsqueeze(op.Add(op.Range(zero, t, one), op.Sub(s, t)), [1])  # (T, 1): i + S - T
-        cols = op.Unsqueeze(op.Range(zero, s, one), [0])  # (1, S)
-        z = op.Where(op.LessOrEqual(cols, rows), z, op.Constant(value_float=float("-inf")))
-    m = op.ReduceMax(z, [-1], keepdims=1)
-    m = op.Where(op.IsInf(m), op.Constant(value_float=0.0), m)
-    p = op.Exp(op.Sub(z, m))
-    d = op.ReduceSum(p, [-1], keepdims=1)
-    empty = op.Equal(d, op.Constant(value_float=0.0))
-    y = op.Div(p, op.Where(empty, op.Constant(value_float=1.0), d))
-    return op.CastLike(y, x)
