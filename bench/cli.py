@@ -5,7 +5,6 @@ Trains (or reuses) the benchmark checkpoint, runs every suite side by side, prin
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -15,9 +14,11 @@ from pathlib import Path
 import torch
 
 from common import cli
+from common.files import write_json_atomic
+from common.machine import machine_info
 
 from .checkpoint import ensure_checkpoint
-from .harness import Results, machine_info
+from .harness import Results
 from .suites import SUITES
 from .suites.common import Context
 
@@ -28,15 +29,13 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run on the tiny model")
     p.add_argument("--out", default="bench/results", help="folder for the JSON, REPORT.md and plots")
     p.add_argument("--checkpoint", default=None, help="benchmark this checkpoint instead of the built-in one")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for torch and ONNX Runtime")
+    cli.add_threads_arg(p, default=os.cpu_count(), help="threads for torch and ONNX Runtime")
     p.add_argument("--no-report", action="store_true", help="skip REPORT.md and plots")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads < 1:
-        raise cli.UserError("--threads must be at least 1")
     torch.set_num_threads(args.threads)  # the same thread count for every variant
     out = Path(args.out)
     ckpt = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(args.quick)
@@ -64,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y-%m-%d")
     path = out / f"{stamp}-{socket.gethostname()}{'-quick' if args.quick else ''}.json"
-    with cli.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
+    write_json_atomic(path, doc)
     from .table import print_tables
 
     print_tables(results.rows, results.skipped)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from common import cli
+from common.files import atomic_path, write_text_atomic
 
 from .table import markdown, suite_table
 
@@ -45,7 +46,8 @@ def plot_speed_vs_quality(rows, out: Path) -> Path | None:
     ax.set_title("speed against quality")
     fig.tight_layout()
     path = out / "speed_vs_quality.png"
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -70,7 +72,8 @@ def plot_latency_by_batch(rows, out: Path) -> Path | None:
     ax.legend(fontsize=6)
     fig.tight_layout()
     path = out / "latency_by_batch.png"
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -107,8 +110,7 @@ def write_report(paths: list[Path], out: Path) -> Path:
                 if plot:
                     lines += [f"![{plot.stem}]({plot.name})", ""]
     report = out / "REPORT.md"
-    with cli.atomic_path(report) as tmp:
-        tmp.write_text("\n".join(lines))
+    write_text_atomic(report, "\n".join(lines))
     return report
 
 

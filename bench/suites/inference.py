@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ from typing import Optional
 import torch
 
 from common.cli import flush_denormals
+from common.timing import Timing, measure
 
-from ..harness import Results, Timing, measure, peak_rss_mb, reset_peak_rss, rss_mb
+from ..harness import Results, peak_rss_mb, reset_peak_rss, rss_mb
 from . import variants as V
 from .common import Context
 
@@ -77,7 +77,7 @@ def measure_decode(backend, prompt: torch.Tensor, steps: int, repeats: int) -> T
             logits, past = backend.decode(token, mask, pos, past)
         if r:
             times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), min(times), max(times), repeats)
+    return Timing.of(times)
 
 
 def measure_variant(name: str, spec: V.Spec, ctx: Context, shapes: Shapes) -> Results:
@@ -137,8 +137,9 @@ def run(ctx: Context, results: Results) -> None:
             results.skip(SUITE, name, str(e))
             ctx.progress(f"not run: {name}: {e}")
             continue
-        except Exception as e:  # a variant that breaks is reported, and the run goes on
-            reason = f"failed to prepare: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        except Exception as e:  # noqa: BLE001 - a variant that breaks is reported, and the run goes on
+            first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            reason = f"failed to prepare: {type(e).__name__}: {first_line}"
             results.skip(SUITE, name, reason)
             ctx.progress(f"not run: {name}: {reason}")
             continue

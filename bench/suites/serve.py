@@ -35,7 +35,7 @@ def run(ctx: Context, results: Results) -> None:
             model = artifact()
             rows = bench_serve(str(model), levels, serve_args=["--max-queue", "128"], max_tokens=max_tokens,
                                requests=4 if ctx.quick else 64)
-        except Exception as e:  # reported, and the other backends still run
+        except Exception as e:  # noqa: BLE001 - reported, and the other backends still run
             results.skip(SUITE, name, f"{type(e).__name__}: {str(e).strip()[:300]}")
             ctx.progress(f"not run: serve {name}: {e}")
             continue

@@ -9,7 +9,9 @@ import copy
 
 import torch
 
-from ..harness import Results, measure
+from common.timing import measure
+
+from ..harness import Results
 from .common import Context
 
 SUITE = "train"
@@ -41,7 +43,7 @@ def run(ctx: Context, results: Results) -> None:
     for name, build in variants(model).items():
         try:
             m, opt = build()
-        except Exception as e:  # e.g. kernels unavailable
+        except Exception as e:  # noqa: BLE001 - e.g. kernels unavailable: listed as skipped
             results.skip(SUITE, name, f"{type(e).__name__}: {e}")
             continue
         note = "CPU: kernels run their PyTorch references" if name == "patch+FusedAdamW" and ctx.device == "cpu" else ""

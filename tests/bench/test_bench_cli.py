@@ -1,16 +1,16 @@
 """`python -m bench --quick`: the smoke version of `make bench`, end to end in a subprocess."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from bench.harness import Results, Timing
+from bench.harness import Results
 from bench.suites.variants import inference_variants
 from bench.table import suite_table
+from common.timing import Timing
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REQUIRED = {"suite", "case", "variant", "metric", "value", "unit", "device"}
 
 
@@ -65,6 +65,7 @@ def test_quick_bench_end_to_end(tmp_path):
     assert r.returncode == 0 and (out / "REPORT.md").exists(), r.stderr
 
 
+@pytest.mark.slow
 def test_report_rejects_foreign_json(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("[1, 2]")
