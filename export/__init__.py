@@ -11,6 +11,7 @@ See docs/export.md.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 _LAZY = {
     "export_onnx": "to_onnx", "ExportReport": "to_onnx",
@@ -23,7 +24,7 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

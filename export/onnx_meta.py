@@ -21,10 +21,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from common.errors import UserError
 from common.version import hotpath_version
+
+if TYPE_CHECKING:
+    import onnx
+    from tokenizers import Tokenizer
+
+    from model.gpt import GPTConfig
+
+PathOrProto = Union[str, os.PathLike, "onnx.ModelProto"]
 
 PREFIX = "hotpath."
 CONFIG, TOKENIZER, VERSION, SOURCE_SHA256, KV_CACHE, DTYPE = (
@@ -34,7 +42,8 @@ REQUIRED = (CONFIG, TOKENIZER, KV_CACHE)
 DTYPES = ("fp32", "fp16", "bf16")
 
 
-def make_hotpath_metadata(config, tokenizer, *, source_sha256: str, kv_cache: bool, dtype: str) -> dict[str, str]:
+def make_hotpath_metadata(config: Union[GPTConfig, Mapping[str, Any]], tokenizer: Union[Tokenizer, str], *,
+                          source_sha256: str, kv_cache: bool, dtype: str) -> dict[str, str]:
     """The metadata_props dict for an export. `config`: GPTConfig or dict; `tokenizer`: Tokenizer or JSON str."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     tok = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
@@ -48,7 +57,7 @@ def make_hotpath_metadata(config, tokenizer, *, source_sha256: str, kv_cache: bo
     }
 
 
-def set_metadata_props(model_proto, props: Mapping[str, str]) -> None:
+def set_metadata_props(model_proto: onnx.ModelProto, props: Mapping[str, str]) -> None:
     """Write (or overwrite) `props` into an onnx.ModelProto's metadata_props."""
     existing = {p.key: p for p in model_proto.metadata_props}
     for key, value in props.items():
@@ -88,7 +97,7 @@ def parse_hotpath_metadata(props: Mapping[str, str], source: str = "the model") 
     }
 
 
-def read_metadata_props(path_or_proto) -> dict[str, str]:
+def read_metadata_props(path_or_proto: PathOrProto) -> dict[str, str]:
     """All metadata_props of an .onnx path or onnx.ModelProto (weights are not loaded)."""
     import onnx
 
@@ -108,7 +117,7 @@ def read_metadata_props(path_or_proto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def read_hotpath_metadata(path_or_proto) -> dict[str, Any]:
+def read_hotpath_metadata(path_or_proto: PathOrProto) -> dict[str, Any]:
     """Decoded hotpath metadata of an .onnx path or ModelProto (see :func:`parse_hotpath_metadata`).
 
     Raises UserError("... is not a hotpath export ...") for any ONNX file without it, or for a non-ONNX file."""
@@ -116,7 +125,7 @@ def read_hotpath_metadata(path_or_proto) -> dict[str, Any]:
     return parse_hotpath_metadata(read_metadata_props(path_or_proto), source)
 
 
-def gpt_config(meta: Mapping[str, Any]):
+def gpt_config(meta: Mapping[str, Any]) -> GPTConfig:
     """GPTConfig from decoded metadata."""
     from model.gpt import GPTConfig
 
@@ -126,7 +135,7 @@ def gpt_config(meta: Mapping[str, Any]):
         raise UserError(f"the hotpath.config metadata is not a valid GPTConfig ({e}); re-export the model") from e
 
 
-def tokenizer_of(meta: Mapping[str, Any]):
+def tokenizer_of(meta: Mapping[str, Any]) -> Tokenizer:
     """tokenizers.Tokenizer from decoded metadata."""
     from tokenizers import Tokenizer
 

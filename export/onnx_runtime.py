@@ -13,12 +13,14 @@ generator seeded the same way), so with the same seed it yields the same tokens 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from common import cli
 from common.cli import UserError
@@ -70,6 +72,7 @@ class OnnxDecoder:
         self.tokenizer = tokenizer_of(self.metadata)
         self.provider: str = self.session.get_providers()[0]
         self.kv_cache: bool = self.metadata["kv_cache"]
+        assert self.config.n_kv_head is not None and self.config.head_dim is not None  # filled by GPTConfig
         self.num_layers: int = self.config.n_layer
         self.kv_heads: int = self.config.n_kv_head
         self.head_dim: int = self.config.head_dim
@@ -96,7 +99,9 @@ class OnnxDecoder:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
         return [(empty, empty) for _ in range(self.num_layers)]
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past: Optional[Past] = None):
+    def forward(self, input_ids: npt.ArrayLike, attention_mask: Optional[npt.ArrayLike] = None,
+                position_ids: Optional[npt.ArrayLike] = None,
+                past: Optional[Past] = None) -> tuple[np.ndarray, Optional[Past]]:
         """One graph run. input_ids (B, T); attention_mask (B, past + T), default all ones; position_ids (B, T),
         default from the mask; past: per-layer (key, value) or None for an empty one.
 
@@ -110,7 +115,7 @@ class OnnxDecoder:
             raise ValueError(f"{self.path.name} was exported without a KV cache (re-export without --no-kv-cache)")
         if self.kv_cache and past is None:
             past = self.empty_past(B)
-        past_len = past[0][0].shape[2] if self.kv_cache else 0
+        past_len = past[0][0].shape[2] if past is not None else 0
         if past_len + T > self.config.block_size:
             raise ValueError(f"{past_len + T} tokens exceed the model context of {self.config.block_size}")
         mask = (np.ones((B, past_len + T), dtype=np.int64) if attention_mask is None
@@ -120,17 +125,17 @@ class OnnxDecoder:
         pos = positions_from_mask(mask, T) if position_ids is None else np.ascontiguousarray(position_ids,
                                                                                            dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-        if self.kv_cache:
-            if len(past) != self.num_layers:
-                raise ValueError(f"past has {len(past)} layers, the model {self.num_layers}")
-            for i, (k, v) in enumerate(past):
-                feeds[f"past_key_values.{i}.key"] = np.ascontiguousarray(k, dtype=self.dtype)
-                feeds[f"past_key_values.{i}.value"] = np.ascontiguousarray(v, dtype=self.dtype)
-            out = self.session.run(["logits", *self._present_names], feeds)
-            present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
-            return out[0].astype(np.float32, copy=False), present
-        logits = self.session.run(["logits"], feeds)[0]
-        return logits.astype(np.float32, copy=False), None
+        if past is None:  # a logits-only export
+            logits = self.session.run(["logits"], feeds)[0]
+            return logits.astype(np.float32, copy=False), None
+        if len(past) != self.num_layers:
+            raise ValueError(f"past has {len(past)} layers, the model {self.num_layers}")
+        for i, (k, v) in enumerate(past):
+            feeds[f"past_key_values.{i}.key"] = np.ascontiguousarray(k, dtype=self.dtype)
+            feeds[f"past_key_values.{i}.value"] = np.ascontiguousarray(v, dtype=self.dtype)
+        out = self.session.run(["logits", *self._present_names], feeds)
+        present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
+        return out[0].astype(np.float32, copy=False), present
 
     # ------------------------------------------------------------------------------------------- generation
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
@@ -164,34 +169,26 @@ class OnnxDecoder:
             else:  # no cache in the graph: recompute the whole sequence
                 logits, _ = self.forward(np.array([seq], dtype=np.int64))
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs) -> list[int]:
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
         """New token ids (the prompt not included); keyword arguments as :meth:`stream`."""
         return list(self.stream(prompt_ids, max_new_tokens, **kwargs))
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m export.onnx_runtime",
                    "Generate text from an exported hotpath .onnx with ONNX Runtime and its KV cache.")
     p.add_argument("model", help="a .onnx written by python -m export.to_onnx")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    cli.add_sampling_args(p)
+    cli.add_threads_arg(p, help="ONNX Runtime intra-op threads (default: one per core)")
     p.add_argument("--provider", action="append", default=None,
                    help="execution provider, repeatable (default: CUDA when available, else CPU)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p} is outside (0, 1]")
+    cli.check_sampling_args(args)
     dec = OnnxDecoder(args.model, providers=args.provider, threads=args.threads)
     prompt_ids = dec.tokenizer.encode(args.prompt).ids
     ctx = dec.config.block_size

@@ -53,7 +53,7 @@ def open_session(path: str | os.PathLike, *, providers: Optional[Sequence[str]] 
     options = session_options(threads, inter_op_threads=inter_op_threads)
     try:
         return ort.InferenceSession(str(path), options, providers=chosen)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+    except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a hotpath export ONNX Runtime can load ({first}); "
                         "export a checkpoint with python -m export.to_onnx") from e

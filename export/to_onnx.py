@@ -23,6 +23,7 @@ tolerance the file is kept as ``<stem>.failed.onnx`` and the command exits 1.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import hashlib
@@ -36,23 +37,28 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from common import cli
+from common.errors import UserError
 from common.files import sha256_file
-from common.cli import UserError
-from model.gpt import GPT, sdpa_attention
+from model.gpt import GPT, GPTConfig, sdpa_attention
 
 from .onnx_meta import make_hotpath_metadata
 from .validate import TOLERANCES, Check, Tolerance, ValidationReport
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+    from tokenizers import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIN_OPSET = 18  # the lowest opset torch's dynamo exporter writes
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
 EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 2, 3, 4  # all >= 2: dynamo specialises dims of size 0 and 1
+
 
 
 # ------------------------------------------------------------------------------------------------ graph
@@ -63,7 +69,8 @@ class KVDecoder(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past_key_values: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, Any]:
         logits, presents = self.model(input_ids, past_key_values=[tuple(p) for p in past_key_values],
                                       attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
         return logits.float(), presents
@@ -76,7 +83,8 @@ class LogitsOnly(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids).float()
 
 
@@ -100,7 +108,8 @@ def dynamic_shapes(n_layer: int, kv_cache: bool = True) -> dict[str, Any]:
     return shapes
 
 
-def example_inputs(config, kv_cache: bool, dtype: torch.dtype, device="cpu") -> tuple:
+def example_inputs(config: GPTConfig, kv_cache: bool, dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> tuple[Any, ...]:
     B, T = EXAMPLE_BATCH, EXAMPLE_NEW
     P = EXAMPLE_PAST if kv_cache else 0
     if config.block_size < P + T:
@@ -110,6 +119,7 @@ def example_inputs(config, kv_cache: bool, dtype: torch.dtype, device="cpu") -> 
     pos = torch.arange(P, P + T, device=device).expand(B, T).contiguous()
     if not kv_cache:
         return ids, mask, pos
+    assert config.n_kv_head is not None and config.head_dim is not None  # filled by GPTConfig.__post_init__
     shape = (B, config.n_kv_head, P, config.head_dim)
     past = [(torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device))
             for _ in range(config.n_layer)]
@@ -140,7 +150,7 @@ def translation_table(model: nn.Module) -> Optional[dict]:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's warnings and log lines (torchvision ops, dim renames); errors still raise."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -155,7 +165,8 @@ def _quiet_exporter():
                 lg.setLevel(level)
 
 
-def export_program(model: GPT, *, kv_cache: bool = True, dtype: str = "fp32", opset: Optional[int] = None):
+def export_program(model: GPT, *, kv_cache: bool = True, dtype: str = "fp32",
+                   opset: Optional[int] = None) -> ir.Model:
     """torch.onnx.export (dynamo) of `model` in `dtype`; returns the onnx_ir Model (not yet saved)."""
     cfg = model.config
     device = next(model.parameters()).device
@@ -186,18 +197,19 @@ def export_program(model: GPT, *, kv_cache: bool = True, dtype: str = "fp32", op
                         "traceback") from e
     finally:
         net.train(was_training)
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     ir_model = program.model
     _name_total_length(ir_model)
     return ir_model
 
 
-def _name_total_length(ir_model) -> None:
+def _name_total_length(ir_model: ir.Model) -> None:
     """present.* come out as (batch, kv, 'past_sequence_length + sequence_length', D): name that axis as the
     attention mask's, total_sequence_length, the way ONNX Runtime GenAI and Optimum do."""
     import onnx_ir as ir
 
     for value in ir_model.graph.outputs:
-        if value.name.startswith("present.") and value.shape is not None and len(value.shape) == 4:
+        if (value.name or "").startswith("present.") and value.shape is not None and len(value.shape) == 4:
             dims = list(value.shape)
             dims[2] = ir.SymbolicDim("total_sequence_length")
             value.shape = ir.Shape(dims)
@@ -228,7 +240,7 @@ def data_path(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
-def save_model(ir_model, path: Path, *, external: Optional[bool] = None) -> list[Path]:
+def save_model(ir_model: ir.Model, path: Path, *, external: Optional[bool] = None) -> list[Path]:
     """Save an onnx_ir Model to `path` atomically: into a temporary folder beside it, then renamed into place (the
     external data first, the graph last). external=None: external data only when the weights pass ~2 GB."""
     import onnx_ir as ir
@@ -279,7 +291,7 @@ def _relocate_external_data(graph_path: Path, new_location: str) -> None:
     onnx.save(model, str(graph_path))
 
 
-def _initializer_bytes(ir_model) -> int:
+def _initializer_bytes(ir_model: ir.Model) -> int:
     total = 0
     for init in ir_model.graph.initializers.values():
         if init.const_value is not None:
@@ -317,7 +329,7 @@ class ExportReport:
                 f"validated in {v.seconds:.1f}s: {'PASS' if v.passed else 'FAIL'}")
         return "\n".join([head, v.table(), tail])
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "ok": self.ok, "dtype": self.dtype, "kv_cache": self.kv_cache,
                 "opset": self.opset, "source_sha256": self.source_sha256, "files": [str(f) for f in self.files],
                 "file_bytes": self.file_bytes, "external_data": self.external_data,
@@ -325,7 +337,8 @@ class ExportReport:
                 "validation": self.validation.to_dict() if self.validation else None}
 
 
-def _load_source(checkpoint_or_model, tokenizer, meta):
+def _load_source(checkpoint_or_model: str | os.PathLike | GPT, tokenizer: Optional[Tokenizer],
+                 meta: Optional[dict[str, Any]]) -> tuple[GPT, Tokenizer, dict[str, Any], Optional[Path], str]:
     """(model, tokenizer, meta, source path or None, sha256)."""
     if isinstance(checkpoint_or_model, (str, os.PathLike)):
         from model.checkpoint import load_checkpoint
@@ -351,9 +364,11 @@ def check_opset(opset: Optional[int]) -> None:
                         "write (omit --opset for the default)")
 
 
-def export_onnx(checkpoint_or_model, out_path=None, *, opset: Optional[int] = None, kv_cache: bool = True,
-                dtype: str = "fp32", validate: bool = True, tokenizer=None, meta: Optional[dict] = None,
-                tolerance: Optional[Tolerance] = None, progress=None) -> ExportReport:
+def export_onnx(checkpoint_or_model: str | os.PathLike | GPT, out_path: str | os.PathLike | None = None, *,
+                opset: Optional[int] = None, kv_cache: bool = True, dtype: str = "fp32", validate: bool = True,
+                tokenizer: Optional[Tokenizer] = None, meta: Optional[dict[str, Any]] = None,
+                tolerance: Optional[Tolerance] = None, progress: Optional[Callable[[str], None]] = None
+                ) -> ExportReport:
     """Export a checkpoint path or an in-memory ``model.GPT`` (then pass `tokenizer`) to ONNX, then validate it.
 
     out_path: default beside the checkpoint (``ckpt.onnx``, fp16 ``ckpt.fp16.onnx``); required for a model.
@@ -415,7 +430,7 @@ def export_onnx(checkpoint_or_model, out_path=None, *, opset: Optional[int] = No
                 decoder = OnnxDecoder(tmp, providers=["CPUExecutionProvider"])
                 report.validation = validate_decoder(decoder, model, tok, dtype, tolerance=tol)
                 del decoder
-            except Exception as e:  # ONNX Runtime refusing or failing on the graph is a failed validation too
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime refusing or failing on the graph fails validation
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 report.validation = ValidationReport(dtype, tol, [Check("ONNX Runtime run", passed=False,
                                                                         why=f"{type(e).__name__}: {first}")])
@@ -429,7 +444,7 @@ def export_onnx(checkpoint_or_model, out_path=None, *, opset: Optional[int] = No
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m export.to_onnx", "Export a hotpath checkpoint to ONNX (KV-cache decoder), validated "
                    "against PyTorch with ONNX Runtime.")
     p.add_argument("checkpoint", help="a hotpath checkpoint (.pt or .safetensors)")
@@ -440,11 +455,11 @@ def build_parser():
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16 (weights, activations and KV cache); "
                    "bf16 is written for TensorRT but cannot be validated with ONNX Runtime on CPU")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
-    p.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    cli.add_json_arg(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dtype not in DTYPES:
         raise UserError(f"unknown dtype {args.dtype!r} (use --dtype fp32 or --dtype fp16)")
@@ -459,10 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = export_onnx(args.checkpoint, args.out, opset=args.opset, kv_cache=not args.no_kv_cache,
                          dtype=args.dtype, validate=not args.no_validate, progress=progress)
-    print(report.summary())
-    if args.json:
-        with cli.atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(report.to_dict(), indent=2))
+    cli.emit(args.json, report.to_dict(), report.summary)
     if not report.ok:
         print(f"error: {report.path} failed validation against PyTorch (see the table above; the file is kept "
               "for inspection)", file=sys.stderr)

@@ -3,20 +3,26 @@
 [--max-batch N --max-seq N | --min-shapes S --opt-shapes S --max-shapes S] [--timing-cache PATH] [--workspace GiB]
 [--out PATH]`.
 
-NOTE: TensorRT cannot be installed on hotpath's development machines; the build below has never run here. It follows
-NVIDIA's documented Python API (TensorRT 10.x and 11.x) and is kept thin; everything around it (source preparation,
-precision checks, shape profiles, argument validation, the metadata JSON, the missing-TensorRT path) is tested on CPU.
+This module is the command: it validates the arguments, prepares the ONNX to build from, and hands it to
+:mod:`export.trt_build` (profiles, the TensorRT build, the plan and its JSON). TensorRT cannot be installed on
+hotpath's development machines; everything here is tested on CPU.
 
 Precision lives in the ONNX, the TensorRT 11 way (strongly typed networks; TensorRT 11 has no precision builder flags
 and no INT8 calibrators, and TensorRT 10 builds the same ONNX as a strongly typed network too):
 
 - fp32: the exported decoder (``ckpt.onnx``, exported and validated here if missing or stale);
-- fp16: a checkpoint is exported with ``--dtype fp16`` (validated); an fp32 ``.onnx`` is cast by
-  ``quantize.quantize_onnx(..., "fp16")``;
+- fp16: a checkpoint is exported with ``--dtype fp16`` (validated); an fp32 ``.onnx`` is cast by the ``fp16``
+  precision plugin;
 - bf16: exported from the checkpoint in bfloat16 (ONNX Runtime's CPU provider has no bf16 kernels, so not validated);
 - int8: a Q/DQ ``.onnx`` (``python -m quantize MODEL --mode int8-static``); a checkpoint or fp32 ``.onnx`` is
-  quantized with ``quantize.quantize_onnx(..., "int8-static")`` when the quantize package is present;
+  quantized by the ``int8`` precision plugin;
 - fp8: a Q/DQ ``.onnx`` with FLOAT8E4M3FN quantization (written by a quantizer with FP8 support).
+
+Precision plugins: the entry-point group ``hotpath.onnx_precision`` maps a precision name (``fp16``, ``int8``) to a
+:class:`PrecisionPreparer`, a callable taking an fp32 hotpath ``.onnx`` and returning the path of the same model in
+that precision. hotpath's own pyproject.toml registers ``quantize.precision:prepare_fp16`` and
+``quantize.precision:prepare_int8``; export/ never imports quantize/ (which builds on export/). Without a plugin,
+the precision needs a ready-made ``.onnx`` and the error says how to write one.
 
 ``--sparsity`` sets ``BuilderFlag.SPARSE_WEIGHTS`` (2:4 structured sparse weights, as ``python -m quantize.prune
 --method 2:4`` writes). Two optimization profiles: prefill (past 0, 1..max_seq new tokens) and decode (1 new token,
@@ -26,143 +32,57 @@ beside the source and ``<plan>.json`` (TensorRT version, GPU, precision, profile
 """
 from __future__ import annotations
 
-import fnmatch
-import json
+import argparse
+import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Callable, Optional, Protocol
 
 from common import cli
-from common.cli import UserError
-from common.files import sha256_file
+from common.errors import UserError
+from common.files import existing_file, sha256_file
 
 from .onnx_meta import gpt_config, read_hotpath_metadata
-from .trt_runtime import FORMAT, FORMAT_VERSION, current_gpu, import_tensorrt, metadata_path
+from .trt_build import (DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_GIB, Profile, Shapes, build_serialized, custom_profile,
+                        default_profiles, engine_metadata, parse_shapes, two_four_fraction, write_plan)
+from .trt_runtime import current_gpu, import_tensorrt, metadata_path
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
-DEFAULT_MAX_BATCH = 8
-DEFAULT_WORKSPACE_GIB = 4.0
+PLUGIN_GROUP = "hotpath.onnx_precision"
 
-Shape = tuple[int, ...]
-
-
-# ------------------------------------------------------------------------------------------------ profiles
-@dataclass
-class Profile:
-    name: str
-    shapes: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # input -> {"min", "opt", "max"}
-
-    def add(self, name: str, lo: Shape, opt: Shape, hi: Shape) -> "Profile":
-        self.shapes[name] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
-        return self
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shapes": self.shapes}
+Say = Callable[[str], None]
 
 
-def input_specs(config, kv_cache: bool = True) -> dict[str, tuple]:
-    """Per input, the symbolic shape: ints are fixed dims, strings name the dynamic axes."""
-    specs: dict[str, tuple] = {"input_ids": ("batch", "seq"), "attention_mask": ("batch", "total"),
-                               "position_ids": ("batch", "seq")}
-    if kv_cache:
-        for i in range(config.n_layer):
-            for kind in ("key", "value"):
-                specs[f"past_key_values.{i}.{kind}"] = ("batch", config.n_kv_head, "past", config.head_dim)
-    return specs
+# ------------------------------------------------------------------------------------------------ precision plugins
+class PrecisionPreparer(Protocol):
+    """What a ``hotpath.onnx_precision`` entry point loads to: given an fp32 hotpath ``.onnx`` (KV-cache decoder
+    with hotpath metadata), write the same model in the entry point's precision (fp16 casts, or int8 symmetric Q/DQ
+    nodes) and return its path. The output keeps the hotpath metadata. Bad input raises UserError."""
+
+    def __call__(self, fp32_onnx: Path, /) -> str | os.PathLike: ...
 
 
-def _shape(spec: tuple, dims: dict[str, int]) -> Shape:
-    return tuple(d if isinstance(d, int) else dims[d] for d in spec)
+def precision_preparer(precision: str) -> Optional[PrecisionPreparer]:
+    """The installed ``hotpath.onnx_precision`` plugin for `precision`, or None when none is registered."""
+    from importlib.metadata import entry_points
+
+    for entry_point in entry_points(group=PLUGIN_GROUP, name=precision):
+        prepare: PrecisionPreparer = entry_point.load()
+        return prepare
+    return None
 
 
-def default_profiles(config, *, max_batch: int = DEFAULT_MAX_BATCH, max_seq: Optional[int] = None,
-                     kv_cache: bool = True) -> list[Profile]:
-    """Prefill (past 0, 1..max_seq tokens) and decode (1 token, past 1..max_seq-1); logits-only graphs get one
-    profile over 1..max_seq tokens. Opt: half the batch and half the sequence."""
-    ctx = config.block_size
-    max_seq = ctx if max_seq is None else max_seq
-    check_limits(config, max_batch, max_seq)
-    specs = input_specs(config, kv_cache)
-    opt_b, opt_s = max(1, max_batch // 2), max(1, max_seq // 2)
-    prefill = Profile("prefill" if kv_cache else "full")
-    ranges = {"batch": (1, opt_b, max_batch), "seq": (1, opt_s, max_seq), "total": (1, opt_s, max_seq),
-              "past": (0, 0, 0)}
-    for name, spec in specs.items():
-        prefill.add(name, *(_shape(spec, {k: v[i] for k, v in ranges.items()}) for i in range(3)))
-    if not kv_cache:
-        return [prefill]
-    if max_seq < 2:
-        return [prefill]
-    decode = Profile("decode")
-    ranges = {"batch": (1, opt_b, max_batch), "seq": (1, 1, 1), "total": (2, opt_s + 1, max_seq),
-              "past": (1, opt_s, max_seq - 1)}
-    for name, spec in specs.items():
-        decode.add(name, *(_shape(spec, {k: v[i] for k, v in ranges.items()}) for i in range(3)))
-    return [prefill, decode]
-
-
-def check_limits(config, max_batch: int, max_seq: int) -> None:
-    if max_batch < 1:
-        raise UserError(f"--max-batch {max_batch} must be at least 1")
-    if max_seq < 1:
-        raise UserError(f"--max-seq {max_seq} must be at least 1")
-    if max_seq > config.block_size:
-        raise UserError(f"--max-seq {max_seq} is above the model's context of {config.block_size} tokens "
-                        f"(use --max-seq {config.block_size} or less)")
-
-
-def parse_shapes(text: str, flag: str) -> dict[str, Shape]:
-    """trtexec syntax: 'input_ids:1x16,attention_mask:1x16,past_key_values.*:1x4x0x16' (globs allowed)."""
-    out: dict[str, Shape] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, sep, dims = item.rpartition(":")
-        try:
-            if not sep or not name:
-                raise ValueError
-            out[name] = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            raise UserError(f"{flag} item {item!r} is not NAME:DxDx... (e.g. input_ids:1x16)") from None
-    if not out:
-        raise UserError(f"{flag} is empty (e.g. {flag} input_ids:1x16,attention_mask:1x16)")
-    return out
-
-
-def custom_profile(config, min_s: dict, opt_s: dict, max_s: dict, kv_cache: bool = True) -> Profile:
-    """One profile from --min/--opt/--max-shapes; every input must be matched (names or globs), ranks and fixed
-    dims must fit the model, min <= opt <= max, and sequence axes stay within the context."""
-    specs = input_specs(config, kv_cache)
-    ctx = config.block_size
-    profile = Profile("custom")
-    for name, spec in specs.items():
-        picked = []
-        for flag, given in (("--min-shapes", min_s), ("--opt-shapes", opt_s), ("--max-shapes", max_s)):
-            hits = [pat for pat in given if pat == name] or [pat for pat in given if fnmatch.fnmatchcase(name, pat)]
-            if not hits:
-                raise UserError(f"{flag} gives no shape for input {name} (inputs: {', '.join(list(specs)[:4])}, ...; "
-                                "globs like past_key_values.* work)")
-            shape = given[hits[0]]
-            if len(shape) != len(spec):
-                raise UserError(f"{flag} {name} has {len(shape)} dims; the input has {len(spec)} "
-                                f"({'x'.join(str(d) for d in spec)})")
-            for d, s in zip(shape, spec):
-                if isinstance(s, int) and d != s:
-                    raise UserError(f"{flag} {name} {'x'.join(map(str, shape))} does not match the model's fixed "
-                                    f"dims {'x'.join(str(x) for x in spec)}")
-            picked.append(shape)
-        lo, opt, hi = picked
-        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
-            raise UserError(f"shapes for {name} are not min <= opt <= max ({lo}, {opt}, {hi})")
-        for axis, s in enumerate(spec):
-            if s in ("seq", "total", "past") and hi[axis] > ctx:
-                raise UserError(f"--max-shapes {name} axis {axis} = {hi[axis]} is above the model's context of {ctx} "
-                                "tokens")
-            if s == "batch" and lo[axis] < 1:
-                raise UserError(f"--min-shapes {name}: the batch must be at least 1")
-        profile.add(name, lo, opt, hi)
-    return profile
+def _prepare_with_plugin(fp32_onnx: Path, precision: str, say: Say, missing: str) -> Path:
+    """Run the `precision` plugin on `fp32_onnx`; UserError(`missing`) when none is installed."""
+    prepare = precision_preparer(precision)
+    if prepare is None:
+        raise UserError(missing)
+    name = f"{getattr(prepare, '__module__', '?')}.{getattr(prepare, '__qualname__', '?')}"
+    say(f"preparing {precision} ONNX from {fp32_onnx.name} with the {PLUGIN_GROUP} plugin {name}")
+    return Path(prepare(fp32_onnx))
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -201,15 +121,6 @@ def default_plan_path(source: Path, precision: str) -> Path:
     return source.with_name(stem + ".plan")
 
 
-def _quantize_api():
-    try:
-        import quantize
-
-        return getattr(quantize, "quantize_onnx")
-    except (ImportError, AttributeError):
-        return None
-
-
 def _fresh_export(onnx_path: Path, ckpt_sha: str, dtype: str) -> bool:
     """Is onnx_path a hotpath export of this very checkpoint, in `dtype`? Then it is reused."""
     if not onnx_path.is_file():
@@ -218,10 +129,10 @@ def _fresh_export(onnx_path: Path, ckpt_sha: str, dtype: str) -> bool:
         meta = read_hotpath_metadata(onnx_path)
     except UserError:
         return False
-    return meta["source_sha256"] == ckpt_sha and meta["dtype"] == dtype and meta["kv_cache"]
+    return bool(meta["source_sha256"] == ckpt_sha and meta["dtype"] == dtype and meta["kv_cache"])
 
 
-def prepare_onnx(source: Path, precision: str, say=print) -> Path:
+def prepare_onnx(source: Path, precision: str, say: Say = print) -> Path:
     """The ONNX to build from, holding `precision` (exported, cast or quantized as needed). Raises UserError."""
     from .to_onnx import default_out_path, export_onnx
 
@@ -233,12 +144,10 @@ def prepare_onnx(source: Path, precision: str, say=print) -> Path:
         if have == precision:
             return source
         if precision == "fp16" and have == "fp32":
-            quantize_onnx = _quantize_api()
-            if quantize_onnx is None:
-                raise UserError(f"{source} is fp32; an fp16 engine needs an fp16 ONNX (export the checkpoint with "
-                                "python -m export.to_onnx CKPT --dtype fp16, or pass the checkpoint)")
-            say(f"casting {source.name} to fp16 with quantize.quantize_onnx")
-            return Path(quantize_onnx(source, "fp16"))
+            return _prepare_with_plugin(source, "fp16", say, f"{source} is fp32 and no {PLUGIN_GROUP} plugin for "
+                                        "fp16 is installed; an fp16 engine needs an fp16 ONNX (export the checkpoint "
+                                        "with python -m export.to_onnx CKPT --dtype fp16, pass the checkpoint, or "
+                                        f"python -m quantize {source} --mode fp16)")
         if precision == "int8" and have == "fp32":
             return _int8(source, say)
         if precision in ("int8", "fp8"):
@@ -275,95 +184,13 @@ def prepare_onnx(source: Path, precision: str, say=print) -> Path:
                     "python -m export.to_trt MODEL.onnx --precision fp8)")
 
 
-def _int8(fp32_onnx: Path, say) -> Path:
-    quantize_onnx = _quantize_api()
-    if quantize_onnx is None:
-        raise UserError(f"int8 needs a Q/DQ model: python -m quantize {fp32_onnx} --mode int8-static, then "
-                        "python -m export.to_trt MODEL.int8-static.onnx --precision int8")
-    say(f"quantizing {fp32_onnx.name} to int8 Q/DQ with quantize.quantize_onnx (int8-static, calibrated)")
-    return Path(quantize_onnx(fp32_onnx, "int8-static"))
+def _int8(fp32_onnx: Path, say: Say) -> Path:
+    return _prepare_with_plugin(fp32_onnx, "int8", say, f"int8 needs a Q/DQ model: python -m quantize {fp32_onnx} "
+                                "--mode int8-static, then python -m export.to_trt MODEL.int8-static.onnx "
+                                f"--precision int8 (no {PLUGIN_GROUP} plugin for int8 is installed to do it here)")
 
 
-# ------------------------------------------------------------------------------------------------ build
-def engine_metadata(*, trt_version: str, gpu: dict, precision: str, sparsity: bool, profiles: list[Profile],
-                    source: Path, source_sha256: str, onnx_path: Path, onnx_meta: dict, workspace_gib: float,
-                    timing_cache: Optional[Path], build_seconds: float) -> dict[str, Any]:
-    """The JSON written beside a plan (read back by trt_runtime.TrtEngine)."""
-    from common.version import hotpath_version
-
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "tensorrt_version": trt_version,
-        "gpu": {k: gpu[k] for k in ("name", "compute_capability") if k in gpu},
-        "precision": precision, "sparsity": sparsity,
-        "profiles": [p.to_dict() for p in profiles],
-        "source": {"path": str(Path(source).resolve()), "sha256": source_sha256,
-                   "checkpoint_sha256": onnx_meta.get("source_sha256", "")},
-        "onnx": {"path": str(Path(onnx_path).resolve()), "dtype": onnx_meta.get("dtype"),
-                 "kv_cache": onnx_meta.get("kv_cache")},
-        "config": onnx_meta.get("config"),
-        "hotpath_version": hotpath_version(),
-        "workspace_gib": workspace_gib,
-        "timing_cache": str(timing_cache) if timing_cache else None,
-        "build_seconds": round(build_seconds, 2),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def build_serialized(trt, onnx_path: Path, profiles: list[Profile], *, sparsity: bool, workspace_gib: float,
-                     timing_cache: Optional[Path]) -> bytes:
-    """The TensorRT part, thin: parse the ONNX into a strongly typed network, add the profiles, build."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: always strongly typed
-    network = builder.create_network(1 << int(flag) if flag is not None else 0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # reads external data beside the file too
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise UserError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors[:400]}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if sparsity:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    for p in profiles:
-        profile = builder.create_optimization_profile()
-        for name, s in p.shapes.items():
-            profile.set_shape(name, s["min"], s["opt"], s["max"])
-        config.add_optimization_profile(profile)
-    cache = None
-    if timing_cache is not None:
-        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise UserError(f"TensorRT failed to build an engine from {onnx_path.name} (see the TensorRT log above)")
-    if cache is not None:
-        with cli.atomic_path(timing_cache) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized)
-
-
-def two_four_fraction(onnx_path: Path) -> tuple[int, int]:
-    """(2:4-sparse weight matrices, all 2-D weight matrices) in an ONNX file: what --sparsity can use."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(onnx_path))
-    sparse = total = 0
-    for init in model.graph.initializer:
-        if len(init.dims) != 2 or init.dims[-1] % 4 or init.data_type not in (1, 10, 16):
-            continue
-        w = numpy_helper.to_array(init).astype(np.float32)
-        total += 1
-        for mat in (w, w.T):  # the reduction axis depends on how the exporter laid out the MatMul
-            if mat.shape[-1] % 4 == 0 and ((mat.reshape(-1, 4) != 0).sum(-1) <= 2).all():
-                sparse += 1
-                break
-    return sparse, total
-
-
+# ------------------------------------------------------------------------------------------------ the build
 @dataclass
 class BuildPlan:
     source: Path
@@ -371,13 +198,54 @@ class BuildPlan:
     sparsity: bool
     profiles: list[Profile]
     out: Path
-    timing_cache: Optional[Path]
+    timing_cache: Path
     workspace_gib: float
 
 
-def build_engine(source, *, precision: str = "fp32", sparsity: bool = False, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_seq: Optional[int] = None, shapes: Optional[tuple[dict, dict, dict]] = None,
-                 timing_cache=None, workspace_gib: float = DEFAULT_WORKSPACE_GIB, out=None, say=print) -> Path:
+def plan_build(source: str | os.PathLike, *, precision: str, sparsity: bool = False,
+               max_batch: int = DEFAULT_MAX_BATCH, max_seq: Optional[int] = None,
+               shapes: Optional[tuple[Shapes, Shapes, Shapes]] = None, timing_cache: str | os.PathLike | None = None,
+               workspace_gib: float = DEFAULT_WORKSPACE_GIB, out: str | os.PathLike | None = None) -> BuildPlan:
+    """Validate every argument against the source (cheap: metadata and config only) before any work."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    if not workspace_gib > 0:
+        raise UserError(f"--workspace {workspace_gib} GiB must be positive")
+    path = existing_file(source, "model")
+    if path.suffix == ".onnx":
+        meta = read_hotpath_metadata(path)
+        config, kv_cache = gpt_config(meta), meta["kv_cache"]
+    elif path.suffix in CHECKPOINT_SUFFIXES:
+        from model.checkpoint import read_checkpoint
+        from model.gpt import GPTConfig
+
+        payload = read_checkpoint(path)
+        try:
+            config = GPTConfig.from_dict(payload["config"])
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path} has an invalid model config ({e})") from e
+        kv_cache = True
+    else:
+        raise UserError(f"{path} is neither a hotpath checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) nor an .onnx "
+                        "export")
+    if shapes is not None:
+        profiles = [custom_profile(config, *shapes, kv_cache=kv_cache)]
+    else:
+        profiles = default_profiles(config, max_batch=max_batch, max_seq=max_seq, kv_cache=kv_cache)
+    plan_out = Path(out) if out is not None else default_plan_path(path, precision)
+    if plan_out.is_dir():
+        raise UserError(f"--out {plan_out} is a folder (pass a file path ending in .plan)")
+    cache = Path(timing_cache) if timing_cache is not None else plan_out.parent / "trt_timing.cache"
+    if cache.is_dir():
+        raise UserError(f"--timing-cache {cache} is a folder (pass a file path)")
+    return BuildPlan(path, precision, sparsity, profiles, plan_out, cache, workspace_gib)
+
+
+def build_engine(source: str | os.PathLike, *, precision: str = "fp32", sparsity: bool = False,
+                 max_batch: int = DEFAULT_MAX_BATCH, max_seq: Optional[int] = None,
+                 shapes: Optional[tuple[Shapes, Shapes, Shapes]] = None, timing_cache: str | os.PathLike | None = None,
+                 workspace_gib: float = DEFAULT_WORKSPACE_GIB, out: str | os.PathLike | None = None,
+                 say: Say = print) -> Path:
     """Everything `python -m export.to_trt` does; returns the plan path. UserError for bad input, missing TensorRT
     or GPU (after writing the ONNX, whose path the message gives)."""
     plan = plan_build(source, precision=precision, sparsity=sparsity, max_batch=max_batch, max_seq=max_seq,
@@ -385,9 +253,6 @@ def build_engine(source, *, precision: str = "fp32", sparsity: bool = False, max
     onnx_path = prepare_onnx(plan.source, precision, say)
     try:
         trt = import_tensorrt()
-    except UserError as e:
-        raise UserError(f"{e}; the ONNX model is at {onnx_path}") from e
-    try:
         gpu = current_gpu()
     except UserError as e:
         raise UserError(f"{e}; the ONNX model is at {onnx_path}") from e
@@ -411,54 +276,8 @@ def build_engine(source, *, precision: str = "fp32", sparsity: bool = False, max
     return plan.out
 
 
-def write_plan(out: Path, blob: bytes, meta: dict) -> None:
-    """Plan then JSON, each atomically; the JSON last, so a plan without a JSON is refused at load."""
-    with cli.atomic_path(out) as tmp:
-        tmp.write_bytes(blob)
-    with cli.atomic_path(metadata_path(out)) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
-
-
-def plan_build(source, *, precision: str, sparsity: bool = False, max_batch: int = DEFAULT_MAX_BATCH,
-               max_seq: Optional[int] = None, shapes: Optional[tuple[dict, dict, dict]] = None, timing_cache=None,
-               workspace_gib: float = DEFAULT_WORKSPACE_GIB, out=None) -> BuildPlan:
-    """Validate every argument against the source (cheap: metadata and config only) before any work."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
-    if not workspace_gib > 0:
-        raise UserError(f"--workspace {workspace_gib} GiB must be positive")
-    source = cli.existing_file(source, "model")
-    if source.suffix == ".onnx":
-        meta = read_hotpath_metadata(source)
-        config, kv_cache = gpt_config(meta), meta["kv_cache"]
-    elif source.suffix in CHECKPOINT_SUFFIXES:
-        from model.checkpoint import read_checkpoint
-        from model.gpt import GPTConfig
-
-        payload = read_checkpoint(source)
-        try:
-            config = GPTConfig.from_dict(payload["config"])
-        except (TypeError, ValueError) as e:
-            raise UserError(f"{source} has an invalid model config ({e})") from e
-        kv_cache = True
-    else:
-        raise UserError(f"{source} is neither a hotpath checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) nor an .onnx "
-                        "export")
-    if shapes is not None:
-        profiles = [custom_profile(config, *shapes, kv_cache=kv_cache)]
-    else:
-        profiles = default_profiles(config, max_batch=max_batch, max_seq=max_seq, kv_cache=kv_cache)
-    out = Path(out) if out is not None else default_plan_path(source, precision)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder (pass a file path ending in .plan)")
-    cache = Path(timing_cache) if timing_cache is not None else out.parent / "trt_timing.cache"
-    if cache.is_dir():
-        raise UserError(f"--timing-cache {cache} is a folder (pass a file path)")
-    return BuildPlan(source, precision, sparsity, profiles, out, cache, workspace_gib)
-
-
 # ------------------------------------------------------------------------------------------------ CLI
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m export.to_trt", "Build a TensorRT engine (.plan + .plan.json) from a hotpath checkpoint "
                    "or exported ONNX. Needs TensorRT 10/11 and an NVIDIA GPU.")
     p.add_argument("model", help="ckpt.pt (exported to ONNX first) or a hotpath .onnx")
@@ -477,7 +296,7 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     explicit = [args.min_shapes, args.opt_shapes, args.max_shapes]
     shapes = None

@@ -83,7 +83,7 @@ def select_profile(profiles: Sequence[Mapping[str, Any]], shapes: Mapping[str, S
                     "--max-batch/--max-seq")
 
 
-def import_tensorrt():
+def import_tensorrt() -> Any:
     """The tensorrt module, or UserError saying it is missing and how to install it."""
     try:
         import tensorrt as trt
@@ -105,7 +105,7 @@ def current_gpu(device: int = 0) -> dict[str, Any]:
     return {"name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}", "index": device}
 
 
-def _torch_dtype(trt, dtype):
+def _torch_dtype(trt: Any, dtype: Any) -> Any:
     import torch
 
     table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int8: torch.int8,

@@ -14,9 +14,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export import to_trt, trt_runtime
-from export.to_trt import (Profile, custom_profile, default_plan_path, default_profiles, onnx_precision,
-                           parse_shapes, plan_build)
+from export import to_trt, trt_build, trt_runtime
+from export.to_trt import default_plan_path, onnx_precision, plan_build
+from export.trt_build import Profile, custom_profile, default_profiles, parse_shapes
 from export.trt_runtime import check_compatible, metadata_path, read_engine_metadata, select_profile
 from common import cli
 from common.cli import UserError
@@ -82,6 +82,7 @@ def _qdq_model(zero_point_type):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
+@pytest.mark.slow
 def test_onnx_precision_detection(tmp_path, onnx_export):
     assert onnx_precision(onnx_export[0]) == "fp32"
     for zp_type, want in ((TensorProto.INT8, "int8"), (TensorProto.UINT8, "uint8-qdq"),
@@ -91,10 +92,11 @@ def test_onnx_precision_detection(tmp_path, onnx_export):
         assert onnx_precision(path) == want
 
 
+@pytest.mark.slow
 def test_prepare_onnx_precision_rules(onnx_export, monkeypatch, tmp_path):
     src = onnx_export[0]
     assert to_trt.prepare_onnx(src, "fp32", say=lambda m: None) == src
-    monkeypatch.setattr(to_trt, "_quantize_api", lambda: None)
+    monkeypatch.setattr(to_trt, "precision_preparer", lambda precision: None)  # no plugin installed
     with pytest.raises(UserError, match="int8 needs a Q/DQ model: python -m quantize .* --mode int8-static"):
         to_trt.prepare_onnx(src, "int8", say=lambda m: None)
     with pytest.raises(UserError, match="fp16 engine needs an fp16 ONNX"):
@@ -102,10 +104,11 @@ def test_prepare_onnx_precision_rules(onnx_export, monkeypatch, tmp_path):
     with pytest.raises(UserError, match="fp8 Q/DQ"):
         to_trt.prepare_onnx(src, "fp8", say=lambda m: None)
     calls = []
-    monkeypatch.setattr(to_trt, "_quantize_api", lambda: lambda path, mode: calls.append((path, mode)) or path)
+    monkeypatch.setattr(to_trt, "precision_preparer",
+                        lambda precision: lambda path: calls.append((path, precision)) or path)
     to_trt.prepare_onnx(src, "int8", say=lambda m: None)
     to_trt.prepare_onnx(src, "fp16", say=lambda m: None)
-    assert calls == [(src, "int8-static"), (src, "fp16")]
+    assert calls == [(src, "int8"), (src, "fp16")]
     uint8 = tmp_path / "u8.onnx"
     onnx.save(_qdq_model(TensorProto.UINT8), str(uint8))
     with pytest.raises(UserError, match="int8 symmetric"):
@@ -113,7 +116,7 @@ def test_prepare_onnx_precision_rules(onnx_export, monkeypatch, tmp_path):
 
 
 def _meta(**over):
-    meta = to_trt.engine_metadata(
+    meta = trt_build.engine_metadata(
         trt_version="10.9.0.34", gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
         precision="fp16", sparsity=False, profiles=default_profiles(CFG, max_batch=4, max_seq=64),
         source=Path("ckpt.pt"), source_sha256="ab" * 32, onnx_path=Path("ckpt.fp16.onnx"),
@@ -125,7 +128,7 @@ def _meta(**over):
 
 def test_engine_metadata_roundtrip_and_compatibility(tmp_path):
     plan = tmp_path / "m.plan"
-    to_trt.write_plan(plan, b"fake engine bytes", _meta())
+    trt_build.write_plan(plan, b"fake engine bytes", _meta())
     meta = read_engine_metadata(plan)
     assert meta["format"] == "hotpath-trt" and meta["precision"] == "fp16" and meta["tensorrt_version"] == "10.9.0.34"
     assert [p["name"] for p in meta["profiles"]] == ["prefill", "decode"]
@@ -156,7 +159,7 @@ def test_select_profile():
 
 def test_trt_engine_refuses_other_version_or_gpu(tmp_path, monkeypatch):
     plan = tmp_path / "m.plan"
-    to_trt.write_plan(plan, b"fake", _meta())
+    trt_build.write_plan(plan, b"fake", _meta())
     fake = types.SimpleNamespace(__version__="10.13.0.35", Builder=object)
     monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: fake)
     monkeypatch.setattr(trt_runtime, "current_gpu", lambda device=0: {"name": "NVIDIA H100 80GB HBM3",
@@ -171,6 +174,7 @@ def test_trt_engine_refuses_other_version_or_gpu(tmp_path, monkeypatch):
         trt_runtime.TrtEngine(tmp_path / "none.plan")
 
 
+@pytest.mark.slow
 def test_missing_tensorrt_says_which_how_and_where_the_onnx_is(onnx_export, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails even where TensorRT is installed
     out = tmp_path / "m.plan"
@@ -183,6 +187,7 @@ def test_missing_tensorrt_says_which_how_and_where_the_onnx_is(onnx_export, tmp_
         trt_runtime.TrtEngine(_write_fake_plan(tmp_path))
 
 
+@pytest.mark.slow
 def test_missing_gpu_says_so(onnx_export, tmp_path, monkeypatch, capsys):
     import torch
 
@@ -195,7 +200,7 @@ def test_missing_gpu_says_so(onnx_export, tmp_path, monkeypatch, capsys):
 
 def _write_fake_plan(tmp_path):
     plan = tmp_path / "fake.plan"
-    to_trt.write_plan(plan, b"fake", _meta())
+    trt_build.write_plan(plan, b"fake", _meta())
     return plan
 
 
@@ -286,6 +291,7 @@ class FakeTrt(types.SimpleNamespace):
         self.BuilderFlag = types.SimpleNamespace(SPARSE_WEIGHTS="SPARSE_WEIGHTS")
 
 
+@pytest.mark.slow
 def test_build_with_a_fake_tensorrt_writes_plan_json_and_timing_cache(onnx_export, tmp_path, monkeypatch, capsys):
     fake = FakeTrt()
     monkeypatch.setattr(to_trt, "import_tensorrt", lambda: fake)
@@ -311,6 +317,7 @@ def test_build_with_a_fake_tensorrt_writes_plan_json_and_timing_cache(onnx_expor
     assert "2:4 sparse" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_input_one_line_exit_2(tmp_path, tiny_ckpt, onnx_export, capsys):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(tiny_ckpt.read_bytes()[:4000])
@@ -338,6 +345,7 @@ def test_bad_input_one_line_exit_2(tmp_path, tiny_ckpt, onnx_export, capsys):
     assert set(tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_plan_build_validates_before_work(onnx_export, tmp_path):
     plan = plan_build(onnx_export[0], precision="fp16", out=None)
     assert plan.out.name == "tiny.fp16.plan" and plan.timing_cache.name == "trt_timing.cache"
@@ -345,6 +353,7 @@ def test_plan_build_validates_before_work(onnx_export, tmp_path):
     assert isinstance(plan.profiles[0], Profile)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_engine_matches_onnx_runtime(onnx_export, tmp_path):
     """Never run on the development machines (no TensorRT): build, load and compare with ONNX Runtime."""
