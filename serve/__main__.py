@@ -8,10 +8,12 @@ requests finish for up to --shutdown-timeout seconds, cancels what is left, and 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import cli
 from common.cli import UserError
@@ -19,8 +21,11 @@ from common.cli import UserError
 from .backends import BACKENDS, load_backend
 from .backends.torch_backend import QUANT_MODES
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
-def build_parser():
+
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m serve", "Serve a model over OpenAI-compatible and KServe v2 HTTP APIs.")
     p.add_argument("model", help="a .pt/.safetensors checkpoint, an exported .onnx decoder, or a TensorRT .plan")
     p.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="default: by the model's file type")
@@ -35,9 +40,9 @@ def build_parser():
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain in-flight requests")
     p.add_argument("--kernels", action="store_true", help="torch backend: run attention on hotpath's kernels")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="torch backend: int8 quantization")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model (torch / ONNX Runtime); default: cores - 1, leaving one core to "
-                        "the HTTP event loop (intra-op threads fighting it for a core make small models ~10x slower)")
+    cli.add_threads_arg(p, help="CPU threads for the model (torch / ONNX Runtime); default: cores - 1, leaving one "
+                                "core to the HTTP event loop (intra-op threads fighting it for a core make small "
+                                "models ~10x slower)")
     p.add_argument("--tokenizer-from", default=None, help="tensorrt backend: the .onnx or .pt the plan came from")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -51,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     if args.shutdown_timeout < 0:
         raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     import torch
 
@@ -83,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_forever(app, sock: socket.socket, shutdown_timeout: float, log_level: str = "warning") -> None:
+def serve_forever(app: FastAPI, sock: socket.socket, shutdown_timeout: float, log_level: str = "warning") -> None:
     """Run uvicorn on `sock` until SIGTERM/SIGINT; then drain (engine stops admitting) and return normally."""
     import uvicorn
 
-    engine = app.state.engine
+    engine = app.state.server.engine
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

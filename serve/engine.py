@@ -252,7 +252,7 @@ class Engine:
                 if fut.set_running_or_notify_cancel():
                     try:
                         fut.set_result(fn())
-                    except BaseException as e:  # handed to the caller
+                    except BaseException as e:  # noqa: BLE001 - not swallowed: the caller's future raises it
                         fut.set_exception(e)
             try:
                 self._drop([i for i, h in enumerate(self._rows) if h.cancelled], "cancelled")
@@ -260,7 +260,7 @@ class Engine:
                     self._prefill(admit)
                 if self._rows:
                     self._decode()
-            except Exception as e:  # a failed step fails its requests, not the server
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests (they get the error), not the server
                 for h in self._rows + admit:
                     if h.finish_reason is None and h.error is None:
                         h.error = f"{type(e).__name__}: {e}"
@@ -362,7 +362,8 @@ class Engine:
             return
         L_old, L_new = self._cache[0][0].shape[2], cache[0][0].shape[2]
         L = max(L_old, L_new)
-        self._cache = [(torch.cat([_pad_left(k0, L), _pad_left(k1, L)]), torch.cat([_pad_left(v0, L), _pad_left(v1, L)]))
+        self._cache = [(torch.cat([_pad_left(k0, L), _pad_left(k1, L)]),
+                        torch.cat([_pad_left(v0, L), _pad_left(v1, L)]))
                        for (k0, v0), (k1, v1) in zip(self._cache, cache)]
         self._rows = self._rows + list(new)
 

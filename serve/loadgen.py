@@ -17,6 +17,7 @@ same from the command line. This module measures only; it asserts nothing.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -188,7 +189,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build_parser():
+def speedups(rows: list[dict]) -> list[str]:
+    """Each level's tokens/s against the 1-client level's, one line per level (none without a 1-client level)."""
+    base = next((r for r in rows if r["concurrency"] == 1), None)
+    if not base or base["tokens_per_s"] <= 0:
+        return []
+    return [f"speedup at {r['concurrency']} clients vs 1: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s"
+            for r in rows if r["concurrency"] > 1]
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m serve.loadgen", "Drive a running hotpath (or any OpenAI-compatible) server with "
                                               "concurrent streaming completions and report throughput and latency.")
     p.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000; with --spawn, a model file to "
@@ -197,13 +207,14 @@ def build_parser():
     p.add_argument("--serve-args", default="", help="with --spawn: extra flags for python -m serve, e.g. "
                                                     "'--backend onnxruntime --threads 1'")
     p.add_argument("--concurrency", default="1,8,16,32", help="comma-separated client counts")
-    p.add_argument("--requests", type=int, default=None, help="requests per level (default: max(prompts, 2 x clients))")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=cli.positive_int, default=None,
+                   help="requests per level (default: max(prompts, 2 x clients))")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: built-in code prompts)")
-    p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    cli.add_json_arg(p)  # the JSON is the list of rows, one per level
     return p
 
 
@@ -229,16 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             except httpx.HTTPError as e:
                 raise cli.UserError(f"cannot reach {url} ({type(e).__name__}: {e}); start python -m serve first") from e
             rows.append(row)
-            print(format_table([row]).splitlines()[-1] if len(rows) > 1 else format_table([row]), flush=True)
-    if args.json:
-        with cli.atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(rows, indent=2))
-    base = next((r for r in rows if r["concurrency"] == 1), None)
-    if base and base["tokens_per_s"] > 0:
-        for r in rows:
-            if r["concurrency"] > 1:
-                print(f"speedup at {r['concurrency']} clients vs 1: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
-                      f"tokens/s", file=sys.stderr)
+            print(f"loadgen: concurrency {c}: {row['completed']}/{row['requests']} requests, {row['errors']} errors, "
+                  f"{row['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)  # progress, stdout is the result
+    cli.emit(args.json, rows, lambda: "\n".join([format_table(rows), *speedups(rows)]))
     return 0
 
 

@@ -3,7 +3,7 @@ several apps in one process never collide).
 
 | metric | type | meaning |
 |---|---|---|
-| `hotpath_requests_total{endpoint, outcome}` | counter | success, stop, cancelled (client left), error, rejected (503), invalid (4xx), unauthorized |
+| `hotpath_requests_total{endpoint, outcome}` | counter | requests by outcome (below) |
 | `hotpath_time_to_first_token_seconds` | histogram | arrival -> first generated token |
 | `hotpath_inter_token_latency_seconds` | histogram | between consecutive tokens of one request |
 | `hotpath_e2e_request_latency_seconds` | histogram | arrival -> last token |
@@ -11,6 +11,8 @@ several apps in one process never collide).
 | `hotpath_running_requests`, `hotpath_waiting_requests` | gauge | in the batch / in the queue |
 | `hotpath_batch_size` | histogram | rows per decode step |
 | `hotpath_prompt_tokens_total`, `hotpath_generation_tokens_total` | counter | tokens in / out |
+
+Outcomes: success, stop, cancelled (client left), error, rejected (503), invalid (4xx), unauthorized.
 """
 from __future__ import annotations
 

@@ -33,12 +33,11 @@ class HotpathDeployment:
                  threads: Optional[int] = None, model_name: Optional[str] = None):
         from pathlib import Path
 
+        from common.cli import flush_denormals
+
         from .engine import Engine
 
-        from common import cli
-
-        if hasattr(cli, "flush_denormals"):  # as every hotpath CLI does: subnormal softmax tails are slow on x86
-            cli.flush_denormals()
+        flush_denormals()  # as every hotpath CLI does: subnormal softmax tails are slow on x86
         if threads:
             import torch
 

@@ -21,6 +21,7 @@ file, dynamic batching only with `max_batch_size` > 0, the batch dim dynamic in 
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import shutil
 import sys
@@ -179,8 +180,9 @@ def write_repo(model: str | Path, out: str | Path, *, name: Optional[str] = None
     with cli.atomic_path(vdir / filename) as tmp:
         shutil.copyfile(model, tmp)
     if model.suffix == ".onnx":  # external weights keep the file name the graph refers to
-        for ext in sorted(model.parent.glob(model.name + ".data")) + sorted(model.parent.glob(model.stem + ".onnx_data")):
-            shutil.copyfile(ext, vdir / ext.name)
+        for pattern in (model.name + ".data", model.stem + ".onnx_data"):
+            for ext in sorted(model.parent.glob(pattern)):
+                shutil.copyfile(ext, vdir / ext.name)
     text = "# written by python -m serve.triton_repo; check with python -m serve.triton_repo --check\n"
     text += text_format.MessageToString(cfg)
     with cli.atomic_path(root / "config.pbtxt") as tmp:
@@ -295,7 +297,7 @@ def check_repo(repo: str | Path) -> list[ModelReport]:
     return [check_model(f) for f in folders]
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m serve.triton_repo", "Write (or --check) a Triton Inference Server model repository "
                                                   "for an exported .onnx or TensorRT .plan.")
     p.add_argument("model", help="an exported .onnx or .plan (with --check: the repository folder)")
@@ -303,11 +305,13 @@ def build_parser():
     p.add_argument("--check", action="store_true", help="lint a repository: parse each config.pbtxt with Triton's "
                                                         "schema and match every tensor against the model")
     p.add_argument("--name", default=None, help="model name (default: the file stem)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="Triton max_batch_size (0 = no batching)")
-    p.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    p.add_argument("--max-batch-size", type=cli.non_negative_int, default=8,
+                   help="Triton max_batch_size (0 = no batching)")
+    p.add_argument("--instances", type=cli.positive_int, default=1, help="model instances (instance_group count)")
     p.add_argument("--kind", choices=["cpu", "gpu"], default=None, help="instance kind (default: gpu for a plan, "
                                                                         "cpu for ONNX)")
-    p.add_argument("--max-queue-delay-us", type=int, default=100, help="dynamic batching delay in microseconds")
+    p.add_argument("--max-queue-delay-us", type=cli.non_negative_int, default=100,
+                   help="dynamic batching delay in microseconds")
     return p
 
 

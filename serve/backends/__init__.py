@@ -41,7 +41,8 @@ def load_backend(path: str | Path, backend: str = "auto", *, kernels: bool = Fal
                 "torch": "the torch backend serves .pt/.safetensors checkpoints"}[backend]
         raise UserError(f"--backend {backend} cannot serve {path.name}, a {wanted} model ({hint})")
     if (kernels or quantize) and wanted != "torch":
-        raise UserError("--kernels and --quantize apply to the torch backend only (quantize ONNX models with quantize/)")
+        raise UserError("--kernels and --quantize apply to the torch backend only "
+                        "(quantize ONNX models with quantize/)")
     if wanted == "torch":
         from .torch_backend import TorchBackend
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Optional, Protocol, runtime_checkable
 
 import torch
+from tokenizers import Tokenizer
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -33,7 +34,7 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 class Backend(Protocol):
     name: str  # "torch" | "onnxruntime" | "tensorrt"
     description: str  # one line for logs and /v2/models: runtime, provider, precision
-    tokenizer: object  # a `tokenizers.Tokenizer`
+    tokenizer: Tokenizer
     vocab_size: int
     max_context: int  # the model's context length (block_size)
     eos_id: Optional[int]
@@ -55,13 +56,14 @@ class BaseBackend:
 
     name = "base"
     description = ""
-    tokenizer = None
+    tokenizer: Tokenizer
     vocab_size = 0
     max_context = 0
     eos_id: Optional[int] = None
     device = torch.device("cpu")
 
-    def forward(self, input_ids, attention_mask, position_ids, past):  # pragma: no cover - abstract
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
@@ -80,9 +82,9 @@ class BaseBackend:
         pass
 
 
-def eos_of(tokenizer) -> Optional[int]:
+def eos_of(tokenizer: Tokenizer) -> Optional[int]:
     """The end-of-text id of a hotpath tokenizer (None when it has none)."""
     try:
         return tokenizer.token_to_id("<|endoftext|>")
-    except Exception:  # a foreign tokenizer object
+    except Exception:  # noqa: BLE001 - a foreign tokenizer object may raise anything; it just has no EOS id
         return None

@@ -26,13 +26,10 @@ class OnnxRuntimeBackend(BaseBackend):
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, *, providers: Optional[list[str]] = None, threads: Optional[int] = None):
-        try:
-            from export.onnx_runtime import OnnxDecoder
-        except ImportError as e:
-            raise UserError(f"the ONNX Runtime backend needs export.onnx_runtime, which this install lacks ({e}); "
-                            "update hotpath") from e
+        from export.onnx_runtime import OnnxDecoder  # export's session opener and metadata reader
+
         self.decoder = OnnxDecoder(str(path), providers=providers, threads=threads)
-        if not getattr(self.decoder, "kv_cache", True):
+        if not self.decoder.kv_cache:
             raise UserError(f"{Path(path).name} was exported without a KV cache, which serving needs "
                             "(re-export without --no-kv-cache)")
         cfg = self.decoder.config
@@ -41,12 +38,14 @@ class OnnxRuntimeBackend(BaseBackend):
         self.max_context = cfg.block_size
         self.eos_id = eos_of(self.tokenizer)
         self.device = torch.device("cpu")
-        self.description = f"onnxruntime ({self.decoder.provider}, {np.dtype(self.decoder.dtype).name}, {Path(path).name})"
+        self.description = f"onnxruntime ({self.decoder.provider}, {self.decoder.dtype.name}, {Path(path).name})"
 
-    def forward(self, input_ids, attention_mask, position_ids, past: Optional[KVCache]):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
         B = input_ids.shape[0]
         np_past = self.decoder.empty_past(B) if past is None else [(_np(k), _np(v)) for k, v in past]
         logits, present = self.decoder.forward(_np(input_ids.long()), _np(attention_mask.long()),
                                                _np(position_ids.long()), np_past)
-        logits = torch.from_numpy(np.ascontiguousarray(logits)).float()
-        return logits, [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in present]
+        assert present is not None  # a KV-cache export (checked when opened) always returns one
+        return (torch.from_numpy(np.ascontiguousarray(logits)).float(),
+                [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in present])

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tokenizers import Tokenizer
 
 from common.cli import UserError
 
 from .base import BaseBackend, KVCache, eos_of
 
 
-def _tokenizer(plan: Path, meta: dict, given: Optional[str]):
+def _tokenizer(plan: Path, meta: dict, given: Optional[str]) -> Tokenizer:
     recorded = (meta.get("onnx") or {}).get("path")
     for cand in [Path(given)] if given else [Path(recorded) if recorded else None, plan.with_suffix(".onnx")]:
         if cand is None or not cand.exists():
@@ -30,7 +31,6 @@ def _tokenizer(plan: Path, meta: dict, given: Optional[str]):
 
             return tokenizer_of(read_hotpath_metadata(cand))
         from model.checkpoint import read_checkpoint
-        from tokenizers import Tokenizer
 
         return Tokenizer.from_str(read_checkpoint(cand)["tokenizer"])
     raise UserError(f"no tokenizer for {plan.name}: the ONNX it was built from ({recorded}) is gone "
@@ -59,13 +59,16 @@ class TensorRTBackend(BaseBackend):
         cfg = gpt_config(meta)
         self.tokenizer = _tokenizer(path, meta, tokenizer_from)
         self._dtype = torch.float16 if (meta.get("onnx") or {}).get("dtype") == "fp16" else torch.float32
+        assert cfg.n_kv_head is not None and cfg.head_dim is not None  # GPTConfig.__post_init__ fills them
         self.n_layer, self.kv_heads, self.head_dim = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
         self.vocab_size, self.max_context = cfg.vocab_size, cfg.block_size
         self.eos_id = eos_of(self.tokenizer)
         self.device = self.engine.device
-        self.description = f"tensorrt ({meta.get('precision', '?')}, {meta.get('gpu', {}).get('name', '?')}, {path.name})"
+        gpu = meta.get("gpu", {}).get("name", "?")
+        self.description = f"tensorrt ({meta.get('precision', '?')}, {gpu}, {path.name})"
 
-    def forward(self, input_ids, attention_mask, position_ids, past: Optional[KVCache]):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
         dev = self.device
         B = input_ids.shape[0]
         if past is None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import torch
+from tokenizers import Tokenizer
 
-from model.checkpoint import load_checkpoint
 from common.cli import UserError
+from model.checkpoint import load_checkpoint
+from model.gpt import GPTConfig
 
 from .base import BaseBackend, KVCache, eos_of
 
@@ -18,10 +20,16 @@ QUANT_MODES = ("int8-weight", "int8-dynamic")
 class TorchBackend(BaseBackend):
     name = "torch"
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", kernels: bool = False,
-                 quantize: Optional[str] = None, model=None, tokenizer=None):
+    def __init__(self, path: str | Path | None, *, device: str = "cpu", kernels: bool = False,
+                 quantize: Optional[str] = None, model: Optional[torch.nn.Module] = None,
+                 tokenizer: Optional[Tokenizer] = None):
+        """Load the checkpoint at `path`, or serve `model` (a GPT, possibly torch.compile'd) with its `tokenizer`."""
         if model is None:
+            if path is None:
+                raise ValueError("TorchBackend needs a checkpoint path or a model")
             model, tokenizer, _ = load_checkpoint(path, device=device)
+        if tokenizer is None:
+            raise ValueError("TorchBackend(model=...) needs the model's tokenizer too")
         self.model = model.eval()
         self.device = next(model.parameters()).device
         notes = [str(self.device)]
@@ -41,10 +49,11 @@ class TorchBackend(BaseBackend):
             try:
                 import kernels as hotpath_kernels
             except ImportError as e:
-                raise UserError(f"--kernels needs hotpath's kernels package and triton ({e}); pip install triton") from e
+                raise UserError(f"--kernels needs hotpath's kernels package and triton ({e}); "
+                                "pip install triton") from e
             hotpath_kernels.patch(self.model)
             notes.append("kernels.patch")
-        cfg = model.config
+        cfg = cast(GPTConfig, model.config)
         self.tokenizer = tokenizer
         self.vocab_size = cfg.vocab_size
         self.max_context = cfg.block_size
@@ -52,7 +61,8 @@ class TorchBackend(BaseBackend):
         self.description = f"torch ({', '.join(notes)})"
 
     @torch.inference_mode()
-    def forward(self, input_ids, attention_mask, position_ids, past: Optional[KVCache]):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
         dev = self.device
         logits, present = self.model(input_ids.to(dev), attention_mask=attention_mask.to(dev),
                                      position_ids=position_ids.to(dev), past_key_values=past, use_cache=True)
