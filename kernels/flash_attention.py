@@ -58,10 +58,11 @@ module never decides interpreter-vs-compiler and works without Triton installed.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.types import Device
 
 from ._dispatch import interpreting, use_triton
 
@@ -89,7 +90,7 @@ _new_empty = torch.empty
 # ---------------------------------------------------------------------------------------------------------------
 if tl is not None:
 
-    def _attn_fwd_kernel(
+    def _attn_fwd_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
@@ -164,7 +165,7 @@ if tl is not None:
                  o.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
         tl.store(lse_ptr + pid_bh * T + offs_m, lse, mask=m_ok)
 
-    def _attn_bwd_preprocess_kernel(
+    def _attn_bwd_preprocess_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
         o_ptr, do_ptr, delta_ptr,
         stride_ob, stride_oh, stride_ot, stride_od,
         stride_dob, stride_doh, stride_dot, stride_dod,
@@ -186,7 +187,7 @@ if tl is not None:
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(delta_ptr + pid_bh * T + offs_m, delta, mask=offs_m < T)
 
-    def _attn_bwd_dkdv_kernel(
+    def _attn_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
@@ -264,7 +265,7 @@ if tl is not None:
                  + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
                  dv.to(dv_ptr.dtype.element_ty), mask=nd_mask)
 
-    def _attn_bwd_dq_kernel(
+    def _attn_bwd_dq_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
@@ -368,7 +369,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 @functools.cache
-def _kernels(interpret: bool):
+def _kernels(interpret: bool) -> tuple[Any, Any, Any, Any]:
     """Decorate the kernels (once per mode). `interpret` is `interpreting()` at the call: Triton reads
     TRITON_INTERPRET when `triton.jit` runs, so this happens lazily, never at import."""
     jit = triton.jit
@@ -388,7 +389,8 @@ def _kernels(interpret: bool):
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Launchers: tensors in, tensors out, no autograd.
 # ---------------------------------------------------------------------------------------------------------------
-def _launch_params(q: Tensor, T: int, S: int):
+def _launch_params(q: Tensor, T: int, S: int) -> tuple[bool, dict[str, Any], tuple[int, int]]:
+    """(interpreting?, the constexprs every kernel takes, the power-of-two autotune buckets of T and S)."""
     interpret = interpreting()
     D = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(D))
@@ -401,7 +403,7 @@ def _launch_params(q: Tensor, T: int, S: int):
     return interpret, common, buckets
 
 
-def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor):
+def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     if triton is None:
         raise RuntimeError("triton is not installed (pip install triton, or use CPU tensors for the reference)")
     if q.dtype not in _TRITON_DTYPES or q.shape[-1] > _MAX_HEAD_DIM:
@@ -468,7 +470,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
 # ---------------------------------------------------------------------------------------------------------------
 # Reference pieces used by the op on CPU (and as the ground truth in tests).
 # ---------------------------------------------------------------------------------------------------------------
-def _keep_mask(T: int, S: int, causal: bool, attn_mask: Optional[Tensor], device) -> Optional[Tensor]:
+def _keep_mask(T: int, S: int, causal: bool, attn_mask: Optional[Tensor], device: Device) -> Optional[Tensor]:
     """Bool mask broadcastable to (B, H, T, S), True = attend; None = attend everything."""
     keep = None
     if causal:
@@ -485,7 +487,8 @@ def _expand_kv(x: Tensor, H: int) -> Tensor:
     return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
 
 
-def _scores(q: Tensor, k: Tensor, causal: bool, scale: float, attn_mask: Optional[Tensor]):
+def _scores(q: Tensor, k: Tensor, causal: bool, scale: float,
+            attn_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """Masked scores (B, H, T, S) in q's dtype (already upcast by the caller) and the keep mask."""
     T, S = q.shape[2], k.shape[2]
     s = torch.matmul(q, _expand_kv(k, q.shape[1]).transpose(-2, -1)) * scale  # (B, H, T, S)
@@ -495,7 +498,7 @@ def _scores(q: Tensor, k: Tensor, causal: bool, scale: float, attn_mask: Optiona
     return s, keep
 
 
-def _safe_softmax(s: Tensor):
+def _safe_softmax(s: Tensor) -> tuple[Tensor, Tensor]:
     """softmax over the last dim with all -inf rows -> 0 (not NaN); also returns lse (-inf for those rows)."""
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -612,7 +615,7 @@ attention_fwd_op.register_autograd(_attention_backward_autograd, setup_context=_
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Public functional API
 # ---------------------------------------------------------------------------------------------------------------
-def _check_shapes(q: Tensor, k: Tensor, v: Tensor):
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected q (B, H, T, D), k/v (B, H_kv, S, D); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")

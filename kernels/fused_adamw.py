@@ -45,9 +45,10 @@ from __future__ import annotations
 import functools
 import math
 from itertools import chain
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from ._dispatch import interpreting, use_triton
 
@@ -63,8 +64,6 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 _BLOCK = 4096  # elements per program
 _NUM_WARPS = 8
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
-# rows of the per-launch address table
-_ROW_PARAM, _ROW_GRAD, _ROW_M, _ROW_V, _ROW_VMAX, _ROW_MASTER, _ROW_STEP, _ROW_NUMEL, _N_ROWS = range(9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,8 +71,9 @@ _ROW_PARAM, _ROW_GRAD, _ROW_M, _ROW_V, _ROW_VMAX, _ROW_MASTER, _ROW_STEP, _ROW_N
 # ---------------------------------------------------------------------------------------------------------------
 if tl is not None:
 
-    def _adamw_multi_tensor_kernel(
-        table_ptr,  # int64: (_N_ROWS, n_tensors) addresses / lengths, then chunk tensor ids, then chunk indices
+    def _adamw_multi_tensor_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
+        table_ptr,  # int64 (8, n_tensors): param, grad, m, v, vmax, master, step addresses and numel; then the
+        # tensor id and the chunk index of every chunk entry (built by adamw_multi_tensor)
         param_like_ptr, grad_like_ptr,  # any tensor of the parameter / gradient dtype (types the raw addresses)
         found_inf_ptr, grad_scale_ptr,  # fp32 scalars (GradScaler), read only when HAS_* is set
         n_tensors, n_chunks, chunk_base,  # this launch runs chunk entries chunk_base .. chunk_base + grid - 1
@@ -161,10 +161,8 @@ if tl is not None:
             tl.store(p_ptr + offs, w.to(param_like_ptr.dtype.element_ty), mask=mask)
 
 
-
-
 @functools.cache
-def _kernels(interpret: bool):
+def _kernels(interpret: bool) -> Any:
     """Decorate the kernel once per mode: Triton reads TRITON_INTERPRET when `triton.jit` runs."""
     return triton.jit(_adamw_multi_tensor_kernel)
 
@@ -176,9 +174,10 @@ class _TableCache:
     """Device copies of launch tables, keyed by every address and length in them (small LRU)."""
 
     def __init__(self, size: int = 8):
-        self.size, self.tables = size, {}
+        self.size = size
+        self.tables: dict[tuple, torch.Tensor] = {}
 
-    def get(self, key: tuple, device: torch.device, build) -> torch.Tensor:
+    def get(self, key: tuple, device: torch.device, build: Callable[[], list[int]]) -> torch.Tensor:
         table = self.tables.pop(key, None)
         if table is None:
             table = torch.tensor(build(), dtype=torch.int64).to(device, non_blocking=True)
@@ -255,8 +254,11 @@ def _log(beta: float) -> float:
 
 
 def _adamw_ref(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, *,
-    lr, beta1, beta2, eps, weight_decay, maximize, found_inf=None, grad_scale=None,
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: Optional[list[torch.Tensor]],
+    masters: Optional[list[torch.Tensor]], steps: list[torch.Tensor], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+    found_inf: Optional[torch.Tensor] = None, grad_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Plain-PyTorch reference with the kernel's semantics (torch.optim.AdamW's single-tensor algorithm in
     fp32 on fp32 state); steps must already be incremented; skips everything when ``found_inf`` is set."""
@@ -303,7 +305,7 @@ class FusedAdamW(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf instead of unscaling
 
     def __init__(
-        self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False, master_weights: bool = False,
     ):
         if isinstance(lr, torch.Tensor):
@@ -321,7 +323,7 @@ class FusedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._tables = _TableCache()
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
@@ -331,15 +333,14 @@ class FusedAdamW(torch.optim.Optimizer):
             self._tables = _TableCache()
 
     # -- state ----------------------------------------------------------------------------------------------
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
-        f32 = dict(dtype=torch.float32, device=p.device)
         if "step" not in state:
-            state["step"] = torch.zeros((), **f32)
-            state["exp_avg"] = torch.zeros(p.shape, **f32)
-            state["exp_avg_sq"] = torch.zeros(p.shape, **f32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros(p.shape, **f32)
+            state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         if group["master_weights"] and p.dtype != torch.float32 and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format).clone()
         return state
@@ -365,7 +366,9 @@ class FusedAdamW(torch.optim.Optimizer):
 
     # -- step -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(  # type: ignore[override]  # torch declares step() as two overloads; this one signature covers both
+        self, closure: Optional[Callable[[], float]] = None,
+    ) -> Optional[float]:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -376,7 +379,8 @@ class FusedAdamW(torch.optim.Optimizer):
             self._step_group(group, grad_scale, found_inf)
         return loss
 
-    def _step_group(self, group: dict, grad_scale, found_inf) -> None:
+    def _step_group(self, group: dict[str, Any], grad_scale: Optional[torch.Tensor],
+                    found_inf: Optional[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                      weight_decay=group["weight_decay"], maximize=group["maximize"])

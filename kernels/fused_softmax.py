@@ -37,6 +37,7 @@ import functools
 from types import SimpleNamespace
 
 import torch
+from torch.types import Device
 
 from ._dispatch import interpreting, use_triton
 
@@ -62,7 +63,7 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 # ---------------------------------------------------------------------------------------------------------------
 if tl is not None:
 
-    def _softmax_fwd_kernel(
+    def _softmax_fwd_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
         x_ptr, y_ptr, stride_x, stride_y, N, T, scale_log2e,
         CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, EVEN_N: tl.constexpr,
     ):
@@ -113,7 +114,7 @@ if tl is not None:
                 z = tl.where(vis, z, float("-inf"))
                 tl.store(y_row + c, (tl.exp2(z - m) * inv).to(y_ptr.dtype.element_ty), mask=c < N)
 
-    def _softmax_bwd_kernel(
+    def _softmax_bwd_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
         y_ptr, dy_ptr, dx_ptr, stride_y, stride_dy, stride_dx, N, T, scale,
         CAUSAL: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, EVEN_N: tl.constexpr,
     ):
@@ -227,7 +228,7 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, scale: float = 1.0, caus
 
 
 # ----------------------------------------------------------------------------------------------- references
-def _causal_visible(T: int, S: int, device) -> torch.Tensor:
+def _causal_visible(T: int, S: int, device: Device) -> torch.Tensor:
     """(T, S) bool, True where row i sees column j: j <= i + S - T."""
     i = torch.arange(T, device=device).unsqueeze(1)
     j = torch.arange(S, device=device).unsqueeze(0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -80,7 +80,8 @@ class KernelAttnFn:
     def __init__(self, original: Callable):
         self.original = original
 
-    def __call__(self, q, k, v, *, causal: bool, attn_mask: Optional[torch.Tensor] = None, scale: float):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                 attn_mask: Optional[torch.Tensor] = None, scale: float) -> torch.Tensor:
         if attn_mask is not None or q.dtype not in _KERNEL_DTYPES:
             return self.original(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale)
         return attention(q, k, v, causal=causal, scale=scale)
@@ -119,8 +120,9 @@ def _is_hf_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def hf_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
-                 **kwargs):
+def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                 is_causal: Optional[bool] = None, **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """transformers attention function (registered as ``"hotpath"``): ``kernels.attention`` for causal or full
     attention without a mask, dropout or extras; otherwise the model's original implementation (SDPA by default).
 
@@ -136,7 +138,7 @@ def hf_attention(module, query, key, value, attention_mask, dropout: float = 0.0
                                 is_causal=is_causal, **kwargs)
 
 
-def _hf_fallback(module) -> Callable:
+def _hf_fallback(module: nn.Module) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -159,7 +161,7 @@ def _register_hf() -> None:
     _hf_registered = True
 
 
-def _config_tree(config) -> list:
+def _config_tree(config: Any) -> list[Any]:
     """The config and its sub-configs (depth first), for a parallel walk of a config and its deep copy."""
     out, stack = [], [config]
     while stack:
@@ -172,7 +174,7 @@ def _config_tree(config) -> list:
     return out
 
 
-def _patch_hf(model) -> None:
+def _patch_hf(model: Any) -> None:
     _register_hf()
     old = model.config
     new = copy.deepcopy(old)
@@ -186,7 +188,7 @@ def _patch_hf(model) -> None:
     model.set_attn_implementation(HF_ATTN_IMPLEMENTATION)
 
 
-def _unpatch_hf(model) -> None:
+def _unpatch_hf(model: nn.Module) -> None:
     for module in model.modules():
         if "_hotpath_original_config" in module.__dict__:
             module.config = module.__dict__.pop("_hotpath_original_config")
@@ -205,10 +207,11 @@ def patch(model: nn.Module) -> nn.Module:
         _patch_hf(model)
     for module in model.modules():
         fn = module.__dict__.get("attn_fn")
+        # setattr: the hooks are plain instance attributes, found by name on any module
         if fn is not None and callable(fn) and not isinstance(fn, KernelAttnFn):
-            module.attn_fn = KernelAttnFn(fn)
+            setattr(module, "attn_fn", KernelAttnFn(fn))
         if isinstance(module, nn.Softmax) and not isinstance(module.__dict__.get("forward"), _SoftmaxForward):
-            module.forward = _SoftmaxForward(module, module.__dict__.get("forward"))
+            setattr(module, "forward", _SoftmaxForward(module, module.__dict__.get("forward")))
     return model
 
 
@@ -219,13 +222,13 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module in model.modules():
         fn = module.__dict__.get("attn_fn")
         if isinstance(fn, KernelAttnFn):
-            module.attn_fn = fn.original
+            setattr(module, "attn_fn", fn.original)
         fwd = module.__dict__.get("forward")
         if isinstance(fwd, _SoftmaxForward):
             if fwd.previous is None:
                 del module.forward
             else:
-                module.forward = fwd.previous
+                setattr(module, "forward", fwd.previous)
     return model
 
 
@@ -242,7 +245,7 @@ def is_patched(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module):
+def patched(model: nn.Module) -> Iterator[nn.Module]:
     """``with patched(model):`` runs the body with ``model`` patched, then unpatches it (if it was not patched
     already on entry, in which case it is left as it was)."""
     if is_patched(model):

@@ -61,9 +61,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "only load checkpoints you trust, re-saved as a hotpath checkpoint"
         ) from e
     except Exception as e:  # torch raises many types for a cut or foreign file
-        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}); re-save or re-download it") from e
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}); "
+                        "re-save or re-download it") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path} is not a hotpath checkpoint (convert Hugging Face models with python -m model.from_hf)")
+        raise UserError(f"{path} is not a hotpath checkpoint "
+                        "(convert Hugging Face models with python -m model.from_hf)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer hotpath (format {payload['format_version']}); upgrade hotpath")
     missing = {"config", "model", "tokenizer"} - set(payload)
@@ -72,7 +74,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """Returns (model in eval mode, tokenizer, meta)."""
     payload = read_checkpoint(path)
     try:
@@ -88,7 +90,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), tokenizer, payload.get("meta", {})
 
 
-def save_safetensors(path: str | Path, model: GPT, tokenizer: Tokenizer, meta: Optional[dict] = None) -> Path:
+def save_safetensors(path: str | Path, model: GPT, tokenizer: Tokenizer,
+                     meta: Optional[dict[str, Any]] = None) -> Path:
     from safetensors.torch import save_file
 
     state = _unwrap(model).state_dict()
@@ -130,5 +133,5 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model under DDP or torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model

@@ -10,6 +10,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 from .tokenizer import EOS
 
@@ -31,10 +32,11 @@ class Corpus:
 
 
 class EmptyCorpusError(ValueError):
-    pass
+    """The corpus paths hold no text, or too little to split into train and validation."""
 
 
 def stdlib_files() -> list[tuple[str, Path]]:
+    """(name relative to the stdlib, path) of every standard-library .py file, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for p in sorted(root.rglob("*.py")):
@@ -46,10 +48,11 @@ def stdlib_files() -> list[tuple[str, Path]]:
 
 
 def is_val(name: str) -> bool:
+    """Does the file called `name` go to validation? (Its CRC-32 bucket, so the split is stable.)"""
     return zlib.crc32(name.encode()) % VAL_BUCKETS == 0
 
 
-def build_corpus(paths: list[str | Path] | None = None, max_bytes: int = 8_000_000) -> Corpus:
+def build_corpus(paths: Optional[Sequence[str | Path]] = None, max_bytes: int = 8_000_000) -> Corpus:
     """Read up to `max_bytes` of text (train + val) from `paths` (files or folders), or the standard library."""
     if paths:
         files = []

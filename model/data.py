@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer
 
 from .corpus import Corpus
+from .tokenizer import eos_id
 
 
 @dataclass
@@ -16,12 +18,12 @@ class TokenData:
     val: torch.Tensor
 
     @classmethod
-    def encode(cls, corpus: Corpus, tokenizer: Tokenizer) -> "TokenData":
+    def encode(cls, corpus: Corpus, tokenizer: Tokenizer) -> TokenData:
         return cls(encode_text(corpus.train, tokenizer), encode_text(corpus.val, tokenizer))
 
 
 def encode_text(docs: list[str], tokenizer: Tokenizer) -> torch.Tensor:
-    eos = tokenizer.token_to_id("<|endoftext|>")
+    eos = eos_id(tokenizer)
     ids: list[int] = []
     for enc in tokenizer.encode_batch(docs):
         ids.extend(enc.ids)
@@ -30,7 +32,8 @@ def encode_text(docs: list[str], tokenizer: Tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def random_batch(ids: torch.Tensor, batch_size: int, block: int, generator: torch.Generator):
+def random_batch(ids: torch.Tensor, batch_size: int, block: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets (B, block) from random offsets."""
     if len(ids) <= block:
         raise ValueError(f"the token stream ({len(ids)} tokens) is shorter than one window of {block + 1}")
@@ -40,22 +43,22 @@ def random_batch(ids: torch.Tensor, batch_size: int, block: int, generator: torc
     return x, y
 
 
-def eval_windows(ids: torch.Tensor, block: int, max_windows: int | None = None):
+def eval_windows(ids: torch.Tensor, block: int,
+                 max_windows: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Non-overlapping windows covering the stream in order (deterministic), as (x, y) pairs of (block,)."""
     n = (len(ids) - 1) // block
+    picks: Sequence[int] = range(n)
     if max_windows is not None and n > max_windows:
         stride = n / max_windows  # spread the windows over the whole split
         picks = [int(i * stride) for i in range(max_windows)]
-    else:
-        picks = range(n)
     for w in picks:
         s = w * block
         yield ids[s : s + block], ids[s + 1 : s + 1 + block]
 
 
 @torch.no_grad()
-def evaluate_loss(model, ids: torch.Tensor, block: int, batch_size: int = 8, max_windows: int | None = 64,
-                  device="cpu") -> float:
+def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, block: int, batch_size: int = 8,
+                  max_windows: Optional[int] = 64, device: str | torch.device = "cpu") -> float:
     """Mean next-token cross-entropy (nats) over deterministic validation windows."""
     was_training = model.training
     model.eval()

@@ -1,7 +1,7 @@
 """Validation loss and perplexity: `python -m model.eval ckpt.pt [--corpus FILES] [--windows N]`."""
 from __future__ import annotations
 
-import json
+import argparse
 import math
 
 from common import cli
@@ -10,13 +10,12 @@ from .corpus import EmptyCorpusError, build_corpus
 from .data import TokenData, evaluate_loss, unigram_perplexity
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m model.eval", "Validation loss and perplexity of a checkpoint on the held-out split.")
     p.add_argument("checkpoint")
-    p.add_argument("--corpus", nargs="*", default=None, help="text files or folders (default: the built-in corpus)")
-    p.add_argument("--corpus-bytes", type=int, default=8_000_000)
-    p.add_argument("--windows", type=int, default=64, help="validation windows of one context each")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    cli.add_corpus_args(p)
+    p.add_argument("--windows", type=cli.positive_int, default=64, help="validation windows of one context each")
+    cli.add_json_arg(p)
     return p
 
 
@@ -35,11 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"val_loss": loss, "val_ppl": math.exp(loss),
               "unigram_val_ppl": unigram_perplexity(data.train, data.val, model.config.vocab_size),
               "val_tokens": min(len(data.val), args.windows * block), "trained_steps": meta.get("step")}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"val loss {loss:.4f}  perplexity {result['val_ppl']:.2f}  (unigram {result['unigram_val_ppl']:.1f}, "
-              f"{result['val_tokens']:,} tokens)")
+    cli.emit(args.json, result, lambda: (
+        f"val loss {loss:.4f}  perplexity {result['val_ppl']:.2f}  (unigram {result['unigram_val_ppl']:.1f}, "
+        f"{result['val_tokens']:,} tokens)"))
     return 0
 
 

@@ -5,6 +5,7 @@ weights and `tokenizer.json` straight from the folder: transformers itself is no
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -99,7 +100,7 @@ ARCHITECTURES = {"gpt2": (gpt2_config, gpt2_state), "llama": (llama_config, llam
                  "mistral": (llama_config, llama_state)}
 
 
-def convert(folder: str | Path, tokenizer_path: str | Path | None = None):
+def convert(folder: str | Path, tokenizer_path: str | Path | None = None) -> tuple[GPT, Tokenizer]:
     """Returns (model, tokenizer) with weights identical to the Hugging Face model's."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
@@ -121,7 +122,7 @@ def convert(folder: str | Path, tokenizer_path: str | Path | None = None):
     return model.eval(), Tokenizer.from_file(str(tok_file))
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m model.from_hf", "Convert a Hugging Face GPT-2/Llama folder to a hotpath checkpoint.")
     p.add_argument("folder")
     p.add_argument("--out", default=None, help="checkpoint path (default: FOLDER/ckpt.pt)")

@@ -1,15 +1,18 @@
 """Generate text with the KV cache: `python -m model.generate ckpt.pt --prompt "def " --max-new-tokens 64`."""
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
+from tokenizers import Tokenizer
 
 from common import cli
 from .checkpoint import load_checkpoint
 from .gpt import GPT
 from .sampling import sample_next
+from .tokenizer import eos_id
 
 
 @torch.no_grad()
@@ -26,10 +29,7 @@ def stream_tokens(
 ) -> Iterator[int]:
     """Yield new token ids one by one: one prefill over the prompt, then one cached decode step per token."""
     ctx = model.config.block_size
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    if len(prompt_ids) > ctx:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx}")
+    check_prompt(prompt_ids, ctx)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids) + 1)
@@ -44,45 +44,49 @@ def stream_tokens(
         logits, past = model(nxt.view(1, 1), past_key_values=past, use_cache=True)
 
 
-def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
+    """The new token ids (the prompt not included); keyword arguments as :func:`stream_tokens`."""
     return list(stream_tokens(model, prompt_ids, max_new_tokens, **kwargs))
 
 
-def build_parser():
+def check_prompt(prompt_ids: Sequence[int], context: int, *, user_error: bool = False) -> None:
+    """Refuse an empty prompt or one longer than the model's context of `context` tokens (shared by every
+    generator): ValueError, or with ``user_error=True`` (a CLI) a UserError that also says what to do."""
+    if len(prompt_ids) == 0:
+        what, todo = "the prompt is empty", "pass --prompt TEXT"
+    elif len(prompt_ids) > context:
+        what, todo = f"the prompt has {len(prompt_ids)} tokens, over the model context of {context}", "shorten it"
+    else:
+        return
+    if user_error:
+        raise cli.UserError(f"{what} ({todo})")
+    raise ValueError(what)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m model.generate", "Generate text from a hotpath checkpoint with the KV cache.")
     p.add_argument("checkpoint")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    cli.add_sampling_args(p)
     p.add_argument("--device", default="cpu")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise cli.UserError("--max-new-tokens must be at least 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise cli.UserError(f"--top-p {args.top_p} is outside (0, 1]")
+    cli.check_sampling_args(args)
     model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device)
     prompt_ids = tokenizer.encode(args.prompt).ids
     ctx = model.config.block_size
-    if not prompt_ids:
-        raise cli.UserError("the prompt is empty (pass --prompt TEXT)")
-    if len(prompt_ids) > ctx:
-        raise cli.UserError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx} (shorten it)")
+    check_prompt(prompt_ids, ctx, user_error=True)
     if len(prompt_ids) + args.max_new_tokens > ctx + 1:
         print(f"note: stopping at the context of {ctx} tokens", file=sys.stderr)
     print_stream(tokenizer, args.prompt, stream_tokens(
         model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, eos_id=tokenizer.token_to_id("<|endoftext|>")))
+        seed=args.seed, eos_id=eos_id(tokenizer)))
     return 0
 
 
-def print_stream(tokenizer, prompt: str, tokens: Iterator[int]) -> None:
+def print_stream(tokenizer: Tokenizer, prompt: str, tokens: Iterator[int]) -> None:
     """Write the prompt, then the generated text as it arrives (whole characters only), then a newline."""
     sys.stdout.write(prompt)
     out: list[int] = []

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
+from torch.types import Device
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+KV = tuple[Tensor, Tensor]  # one layer's (key, value), each (B, H_kv, past_len, D)
+KVCache = list[KV]
+AttnFn = Callable[..., Tensor]  # attn_fn(q, k, v, *, causal, attn_mask, scale) -> (B, H, T, D)
 
 
 @dataclass
@@ -55,7 +59,7 @@ class GPTConfig:
         "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     }
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -65,7 +69,8 @@ class GPTConfig:
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
         checks = [
-            (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"),
+            (self.n_head % self.n_kv_head == 0,
+             f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r} (use layernorm or rmsnorm)"),
             (self.pos in ("learned", "rope"), f"pos={self.pos!r} (use learned or rope)"),
             (self.mlp in ("gelu", "swiglu"), f"mlp={self.mlp!r} (use gelu or swiglu)"),
@@ -76,16 +81,16 @@ class GPTConfig:
                 raise ValueError(message)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
+    def preset(cls, name: str, **overrides: Any) -> GPTConfig:
         if name not in cls.PRESETS:
             raise ValueError(f"unknown preset {name!r} (choose from {', '.join(cls.PRESETS)})")
         return cls(**{**cls.PRESETS[name], **overrides})
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -93,7 +98,8 @@ class GPTConfig:
         return cls(**d)
 
 
-def sdpa_attention(q, k, v, *, causal: bool, attn_mask: Optional[torch.Tensor], scale: float):
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, attn_mask: Optional[Tensor],
+                   scale: float) -> Tensor:
     """Default ``attn_fn``: PyTorch's scaled_dot_product_attention, with the bottom-right causal rule."""
     T, S = q.shape[-2], k.shape[-2]
     if k.shape[1] != q.shape[1]:  # grouped-query: repeat K/V heads (exports to plain ONNX ops)
@@ -109,7 +115,7 @@ def sdpa_attention(q, k, v, *, causal: bool, attn_mask: Optional[torch.Tensor], 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
+def causal_mask(T: int, S: int, device: Device = None) -> Tensor:
     """(T, S) bool, True where query i may see key j: j <= i + S - T (bottom-right aligned)."""
     i = torch.arange(T, device=device).unsqueeze(1)
     j = torch.arange(S, device=device).unsqueeze(0)
@@ -122,7 +128,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
@@ -134,7 +140,7 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin of shape (B, 1, T, head_dim) for the rotate-half convention (Llama, GPT-NeoX)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
     angles = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, D/2)
@@ -142,7 +148,7 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -150,15 +156,17 @@ def apply_rope(x, cos, sin):
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        assert cfg.n_kv_head is not None and cfg.head_dim is not None  # GPTConfig.__post_init__ fills them
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.attn_fn = sdpa_attention  # the documented hook: kernels.patch() swaps it per instance
+        self.attn_fn: AttnFn = sdpa_attention  # the documented hook: kernels.patch() swaps it per instance
 
-    def forward(self, x, rope=None, past=None, attn_mask=None):
+    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None, past: Optional[KV] = None,
+                attn_mask: Optional[Tensor] = None) -> tuple[Tensor, KV]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
@@ -176,6 +184,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        assert cfg.mlp_hidden is not None  # GPTConfig.__post_init__ fills it
         self.swiglu = cfg.mlp == "swiglu"
         self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
         if self.swiglu:
@@ -183,7 +192,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         if self.swiglu:
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
@@ -199,7 +208,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, past=None, attn_mask=None):
+    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None, past: Optional[KV] = None,
+                attn_mask: Optional[Tensor] = None) -> tuple[Tensor, KV]:
         a, present = self.attn(self.ln_1(x), rope, past, attn_mask)
         x = x + a
         return x + self.mlp(self.ln_2(x)), present
@@ -224,7 +234,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
-    def _init_weights(module):
+    def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
@@ -237,13 +247,13 @@ class GPT(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: Tensor,
         *,
         past_key_values: Optional[KVCache] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
         use_cache: bool = False,
-    ):
+    ) -> Tensor | tuple[Tensor, KVCache]:
         """Logits (B, T, vocab); with ``use_cache`` returns ``(logits, present_key_values)``.
 
         attention_mask: (B, past_len + T), 1 for real tokens and 0 for (left) padding.
@@ -258,6 +268,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
         else:
+            assert self.config.head_dim is not None  # GPTConfig.__post_init__ fills it
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         x = self.drop(x)
         mask = None
@@ -274,14 +285,15 @@ class GPT(nn.Module):
         return (logits, presents) if use_cache else logits
 
 
-def _diag(T: int, past_len: int, device) -> torch.Tensor:
+def _diag(T: int, past_len: int, device: Device) -> Tensor:
     """(T, past_len + T) bool: True only where query i meets its own key (past_len + i)."""
     i = torch.arange(T, device=device).unsqueeze(1)
     j = torch.arange(past_len + T, device=device).unsqueeze(0)
     return j == i + past_len
 
 
-def default_position_ids(attention_mask, past_len: int, T: int, device) -> torch.Tensor:
+def default_position_ids(attention_mask: Optional[Tensor], past_len: int, T: int, device: Device) -> Tensor:
+    """position_ids (1 or B, T) for the last T tokens after `past_len` cached ones (pads count as position 0)."""
     if attention_mask is None:
         return torch.arange(past_len, past_len + T, device=device).unsqueeze(0)
     # left padding: a token's position counts the real tokens before it

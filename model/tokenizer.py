@@ -1,7 +1,7 @@
 """Byte-level BPE tokenizer (Hugging Face `tokenizers`), trained on the corpus and stored in the checkpoint."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -25,9 +25,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
     return tok
 
 
-def eos_id(tok: Tokenizer) -> int:
+def eos_id(tok: Tokenizer) -> Optional[int]:
+    """The id of `<|endoftext|>` (None for a tokenizer without it): generation stops there, documents end there."""
     return tok.token_to_id(EOS)
-
-
-def from_json(s: str) -> Tokenizer:
-    return Tokenizer.from_str(s)

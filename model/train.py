@@ -6,28 +6,30 @@ GPU). This is the one place in `model/` that composes the model with `kernels/` 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import cli
 from common.version import hotpath_version
 
-from .checkpoint import _unwrap, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .corpus import EmptyCorpusError, build_corpus
 from .data import TokenData, evaluate_loss, random_batch, unigram_perplexity
 from .gpt import GPT, GPTConfig
 from .tokenizer import train_tokenizer
 
 
-
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m model.train", "Train the reference GPT on the built-in corpus or your text files.")
     p.add_argument("--preset", default="small", choices=sorted(GPTConfig.PRESETS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -36,8 +38,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=600, help="optimizer steps in total (a resumed run continues to it)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step and save, keeping the --steps schedule (resume later with --resume)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (per process)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="sequences per micro-batch (per process)")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--block-size", type=int, default=None, help="training sequence length (default: the context)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr", type=float, default=None, help="floor of the cosine decay (default lr/10)")
@@ -47,11 +49,10 @@ def build_parser():
     p.add_argument("--optimizer", choices=["adamw", "fused"], default="adamw",
                    help="torch.optim.AdamW, or kernels.FusedAdamW (Triton)")
     p.add_argument("--kernels", action="store_true", help="run attention on hotpath's Triton kernels (kernels.patch)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
-    p.add_argument("--corpus", nargs="*", default=None, help="text files or folders (default: the stdlib source)")
-    p.add_argument("--corpus-bytes", type=int, default=8_000_000, help="how much corpus text to read")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--eval-every", type=cli.positive_int, default=100)
+    p.add_argument("--eval-windows", type=cli.positive_int, default=64, help="validation windows per evaluation")
+    cli.add_corpus_args(p, default_corpus="the stdlib source")
+    p.add_argument("--vocab-size", type=cli.positive_int, default=4096)
     p.add_argument("--resume", default=None, help="checkpoint to continue from (weights, optimizer, step)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,8 +84,9 @@ def setup_distributed(device: str) -> Dist:
     return d
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    out = {}
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs as GPTConfig keyword arguments, each value parsed as its field's type."""
+    out: dict[str, Any] = {}
     fields = GPTConfig.__dataclass_fields__
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -103,13 +105,14 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay from `lr` to `min_lr` at step `total`."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """Weight decay on matrices only (not on norms, biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -125,9 +128,8 @@ def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "vocab_size"):
-        if getattr(args, name) < 1:
-            raise cli.UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.steps < 1:  # a one-line `error: --steps ...` (scripts and tests match it), not argparse's usage text
+        raise cli.UserError("--steps must be at least 1")
     ddp = setup_distributed(args.device)
     torch.manual_seed(args.seed + ddp.rank)
     device = torch.device(args.device if not args.device.startswith("cuda") or ddp.world == 1
@@ -142,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, meta = load_checkpoint(args.resume)
         cfg = model.config
     else:
-        tokenizer = train_tokenizer(corpus.train, args.vocab_size)
+        try:
+            tokenizer = train_tokenizer(corpus.train, args.vocab_size)
+        except ValueError as e:
+            raise cli.UserError(f"--vocab-size: {e} (pass 257 or more)") from e
         try:
             cfg = GPTConfig.preset(args.preset, vocab_size=tokenizer.get_vocab_size(), **parse_overrides(args.set))
         except (ValueError, TypeError) as e:
@@ -171,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         start_step = int(meta.get("step", 0))
         if "data_rng" in resume and ddp.world == 1:
             gen.set_state(resume["data_rng"])
-    net = model
+    net: torch.nn.Module = model
     if ddp.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
@@ -201,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         for micro in range(args.grad_accum):
             x, y = random_batch(data.train, args.batch_size, block, gen)
             x, y = x.to(device), y.to(device)
-            sync = contextlib.nullcontext() if (ddp.world == 1 or micro == args.grad_accum - 1) else net.no_sync()
+            last_micro = micro == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
+            sync = (net.no_sync() if isinstance(net, DistributedDataParallel) and not last_micro
+                    else contextlib.nullcontext())
             with sync, autocast:
                 logits = net(x)
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "world_size": ddp.world,
         }
         extra = {"optimizer": optimizer.state_dict(), "data_rng": gen.get_state()}
-        out = save_checkpoint(args.out, _unwrap(model), tokenizer, meta,
+        out = save_checkpoint(args.out, model, tokenizer, meta,
                               extra=None if str(args.out).endswith(".safetensors") else extra)
         if not args.quiet:
             ppl = f"{meta['val_ppl']:.2f}" if meta["val_ppl"] else "n/a"
