@@ -105,18 +105,15 @@ def onnx_signature(path: Path) -> Signature:
 
 
 def plan_signature(plan: Path) -> Signature:
-    """A TensorRT plan's tensors, taken from the ONNX it was built from (recorded in `<plan>.json`)."""
-    import json
+    """A TensorRT plan's tensors, taken from the ONNX it was built from (recorded in export's `<plan>.json`)."""
+    from export.trt_runtime import metadata_path, read_engine_metadata
 
-    meta_path = plan.with_name(plan.name + ".json")
-    if not meta_path.exists():
-        raise UserError(f"{meta_path.name} is missing: {plan.name} was not built by python -m export.to_trt, and "
-                        "without TensorRT its tensors cannot be read (rebuild it with python -m export.to_trt)")
+    meta = read_engine_metadata(plan)  # one-line UserError when the JSON is missing or not export's
     try:
-        meta = json.loads(meta_path.read_text())
         onnx_path = Path(meta["onnx"]["path"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path} does not record the ONNX the plan came from ({e}); rebuild the plan") from e
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{metadata_path(plan)} does not record the ONNX the plan came from ({e}); rebuild the "
+                        "plan") from e
     if not onnx_path.exists():
         raise UserError(f"{onnx_path}, the ONNX {plan.name} was built from, is gone (keep it beside the plan, or "
                         "rebuild)")
