@@ -7,24 +7,26 @@ and after, top-1 agreement and the latency ratio; `--max-ppl-increase PCT` fails
 """
 from __future__ import annotations
 
-import json
+import argparse
 import sys
+from typing import Any, Optional
 
 from common import cli
+from common.errors import UserError
 
 from . import report as R
 from .api import ALL_MODES, run_quantization
 from .onnx_quant import CALIB_METHODS, DEFAULT_CALIB_SAMPLES
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m quantize", "Quantize a hotpath model and measure its accuracy cost and speedup.")
     p.add_argument("model", help="ckpt.pt / .safetensors (exported first) or a hotpath .onnx")
     p.add_argument("--mode", default=None, metavar="MODE", help=f"one of: {', '.join(ALL_MODES)}")
     p.add_argument("--out", default=None, help="output path (default: beside the input, the mode in the name)")
     g = p.add_argument_group("int8-static calibration")
     g.add_argument("--calib-method", default="minmax", metavar="M", help=f"one of: {', '.join(CALIB_METHODS)}")
-    g.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
+    g.add_argument("--calib-samples", type=cli.positive_int, default=DEFAULT_CALIB_SAMPLES,
                    help="calibration windows of the model context, from the training split")
     g.add_argument("--calib-cache", default=None,
                    help="calibration ranges (JSON) to reuse or write (default: beside the output)")
@@ -40,19 +42,20 @@ def build_parser():
     p.add_argument("--block-size", type=int, default=32, help="int4-weight: weights per quantization block")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="int4-weight: MatMulNBits compute type (4 = int8 activations, 0 = fp32)")
-    p.add_argument("--corpus", nargs="*", default=None, help="text files or folders (default: the training corpus)")
-    p.add_argument("--corpus-bytes", type=int, default=None, help="how much corpus text to read")
-    p.add_argument("--eval-windows", type=int, default=R.DEFAULT_EVAL_WINDOWS, help="held-out windows to score")
-    p.add_argument("--latency-repeats", type=int, default=7, help="timed prefills per model (0 = no timing)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    cli.add_corpus_args(p, corpus_bytes=None, default_corpus="the training corpus")
+    p.add_argument("--eval-windows", type=cli.positive_int, default=R.DEFAULT_EVAL_WINDOWS,
+                   help="held-out windows to score")
+    p.add_argument("--latency-repeats", type=cli.non_negative_int, default=7,
+                   help="timed prefills per model (0 = no timing)")
+    cli.add_threads_arg(p)
     p.add_argument("--no-eval", action="store_true", help="quantize only: no perplexity, agreement or latency")
     p.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
                    help="fail (exit 1) when perplexity rises more than PCT percent")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    cli.add_json_arg(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_nodes:
         from .onnx_quant import list_nodes
@@ -61,18 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}\t{op}\t{weight}")
         return 0
     if args.mode is None:
-        raise cli.UserError(f"--mode is required (choose from {', '.join(ALL_MODES)})")
+        raise UserError(f"--mode is required (choose from {', '.join(ALL_MODES)})")
     if args.mode not in ALL_MODES:
-        raise cli.UserError(f"unknown mode {args.mode!r} (choose from {', '.join(ALL_MODES)})")
+        raise UserError(f"unknown mode {args.mode!r} (choose from {', '.join(ALL_MODES)})")
     if args.calib_method not in CALIB_METHODS:
-        raise cli.UserError(f"unknown --calib-method {args.calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
-    if args.calib_samples < 1:
-        raise cli.UserError(f"--calib-samples {args.calib_samples} must be at least 1")
-    if args.eval_windows < 1:
-        raise cli.UserError(f"--eval-windows {args.eval_windows} must be at least 1")
+        raise UserError(f"unknown --calib-method {args.calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
     if args.max_ppl_increase is not None and args.no_eval:
-        raise cli.UserError("--max-ppl-increase needs the evaluation (drop --no-eval)")
-    opts = {}
+        raise UserError("--max-ppl-increase needs the evaluation (drop --no-eval)")
+    opts: dict[str, Any] = {}
     if args.mode == "int8-static":
         opts.update(calib_method=args.calib_method, calib_samples=args.calib_samples, calib_cache=args.calib_cache,
                     recalibrate=args.recalibrate, quantize_attention=args.quantize_attention,
@@ -81,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         opts.update(block_size=args.block_size, accuracy_level=args.accuracy_level or None)
     if args.exclude:
         if args.mode.startswith("torch-"):
-            raise cli.UserError(f"--exclude does not apply to --mode {args.mode}")
+            raise UserError(f"--exclude does not apply to --mode {args.mode}")
         opts["exclude"] = args.exclude
     r = run_quantization(args.model, args.mode, args.out, evaluate=not args.no_eval, windows=args.eval_windows,
                          latency_repeats=args.latency_repeats, threads=args.threads, corpus=args.corpus,
                          corpus_bytes=args.corpus_bytes, **opts)
-    print(json.dumps(R.jsonable(r)) if args.json else R.format_report(r))
+    cli.emit(args.json, r, lambda: R.format_report(r))
     failed = R.ppl_gate(r, args.max_ppl_increase)
     if failed:
         print(f"error: {failed} (output kept at {r['output']}; try another mode, --exclude sensitive nodes, "

@@ -29,14 +29,18 @@ import contextlib
 import fnmatch
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import onnx
+import torch
 
-from common.cli import UserError, atomic_path, existing_file
+from common.errors import UserError
+from common.files import atomic_path, existing_file
+from export.onnx_meta import gpt_config, parse_hotpath_metadata, read_metadata_props, set_metadata_props, tokenizer_of
 
 from . import report as R
 
@@ -75,22 +79,14 @@ def _load_onnx(path: Path) -> onnx.ModelProto:
         raise UserError(f"{path} is truncated or not an ONNX model ({type(e).__name__}); re-export it") from e
 
 
-def _check_hotpath(model: onnx.ModelProto, path: Path) -> dict[str, str]:
-    props = {p.key: p.value for p in model.metadata_props}
-    if "hotpath.config" not in props:
-        raise UserError(f"{path} is not a hotpath ONNX model (no hotpath.config metadata; export it with "
-                        "python -m export.to_onnx CKPT)")
-    return props
+def _hotpath_metadata(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
+    """The decoded hotpath metadata of a loaded source model (a UserError when it has none)."""
+    return parse_hotpath_metadata(read_metadata_props(model), str(path))
 
 
 def _save(model: onnx.ModelProto, out: Path, props: dict[str, str]) -> Path:
     """Metadata props written onto `model` (replacing same keys), saved atomically; >2 GB as external data."""
-    keep = [p for p in model.metadata_props if p.key not in props]
-    del model.metadata_props[:]
-    for p in keep:
-        model.metadata_props.add(key=p.key, value=p.value)
-    for k, v in props.items():
-        model.metadata_props.add(key=k, value=v)
+    set_metadata_props(model, props)
     large = model.ByteSize() > 1_900_000_000
     with atomic_path(out) as tmp:
         if large:
@@ -111,7 +107,7 @@ def pre_process(src: Path, dst: Path) -> Path:
     with _quiet_ort(), contextlib.chdir(dst.parent):
         try:
             quant_pre_process(str(src), str(dst))
-        except Exception:  # symbolic inference gives up on some exporter patterns
+        except Exception:  # noqa: BLE001 - symbolic inference gives up on some exporter patterns, any error type
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return dst
 
@@ -128,11 +124,11 @@ def match_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
     return sorted(set(names))
 
 
-def list_nodes(src_onnx) -> list[tuple[str, str, str]]:
+def list_nodes(src_onnx: str | os.PathLike) -> list[tuple[str, str, str]]:
     """(name, op type, weight) of every MatMul/Gemm/Gather in the graph as quantized (after `pre_process`): the
     names `exclude` takes. The weight column is the constant input's shape, or "activation" for the attention."""
     src = existing_file(src_onnx, "model")
-    _check_hotpath(_load_onnx(src), src)
+    _hotpath_metadata(_load_onnx(src), src)
     with tempfile.TemporaryDirectory(prefix="hotpath-quant.") as tmp:
         pre = onnx.load(str(pre_process(src, Path(tmp) / "pre.onnx")))
     shapes = {i.name: "x".join(map(str, i.dims)) for i in pre.graph.initializer}
@@ -156,7 +152,7 @@ class CorpusCalibrationReader:
     """Feeds for ONNX Runtime's calibrators: `samples` windows of real training text (never the held-out split),
     each a prefill of the model's context with an empty KV cache, taken at evenly spread offsets."""
 
-    def __init__(self, prefill: "R.OrtPrefill", ids, block: int, samples: int, batch_size: int = 1):
+    def __init__(self, prefill: R.OrtPrefill, ids: Any, block: int, samples: int, batch_size: int = 1):
         from model.data import eval_windows
 
         available = (len(ids) - 1) // block
@@ -183,17 +179,14 @@ class CorpusCalibrationReader:
         return len(self.feeds)
 
 
-def calibration_tokens(props: dict[str, str], corpus=None, corpus_bytes: Optional[int] = None):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(props["hotpath.tokenizer"]) if "hotpath.tokenizer" in props else None
-    if tok is None:
-        raise UserError("the ONNX model has no hotpath.tokenizer metadata (re-export it with python -m export.to_onnx)")
-    data = R.load_token_data(tok, None, corpus, corpus_bytes or DEFAULT_CALIB_BYTES)
+def calibration_tokens(meta: dict[str, Any], corpus: Optional[list[str]] = None,
+                       corpus_bytes: Optional[int] = None) -> torch.Tensor:
+    """The training split's token ids (torch int64) of the calibration text, encoded with the model's tokenizer."""
+    data = R.load_token_data(tokenizer_of(meta), None, corpus, corpus_bytes or DEFAULT_CALIB_BYTES)
     return data.train
 
 
-def default_calib_cache(out: Path, method: str, samples: int, op_types=("MatMul", "Gemm"),
+def default_calib_cache(out: Path, method: str, samples: int, op_types: Sequence[str] = ("MatMul", "Gemm"),
                         quantize_attention: bool = False) -> Path:
     """Beside the output; the name holds what changes the set of calibrated tensors or their ranges."""
     tag = "" if sorted(op_types) == ["Gemm", "MatMul"] else "-" + "-".join(sorted(op_types))
@@ -202,13 +195,13 @@ def default_calib_cache(out: Path, method: str, samples: int, op_types=("MatMul"
 
 
 # ---------------------------------------------------------------------------------------------- the modes
-def quantize_onnx(src_onnx, mode: str, out=None, *, calib_method: str = "minmax",
-                  calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_cache=None, recalibrate: bool = False,
-                  exclude: Iterable[str] = (), corpus=None, corpus_bytes: Optional[int] = None,
+def quantize_onnx(src_onnx: str | os.PathLike, mode: str, out: str | os.PathLike | None = None, *,
+                  calib_method: str = "minmax", calib_samples: int = DEFAULT_CALIB_SAMPLES,
+                  calib_cache: str | os.PathLike | None = None, recalibrate: bool = False,
+                  exclude: Iterable[str] = (), corpus: Optional[list[str]] = None, corpus_bytes: Optional[int] = None,
                   block_size: int = 32, accuracy_level: Optional[int] = 4, per_channel: bool = True,
                   quantize_embedding: bool = True, quantize_attention: bool = False,
-                  op_types: Sequence[str] = ("MatMul", "Gemm"), threads: Optional[int] = None,
-                  verbose: bool = False) -> Path:
+                  op_types: Sequence[str] = ("MatMul", "Gemm"), threads: Optional[int] = None) -> Path:
     """Quantize the hotpath ONNX decoder `src_onnx` with `mode`; returns the output path.
 
     `out` defaults to `<src stem>.<mode>.onnx` beside the input. Options by mode:
@@ -225,10 +218,12 @@ def quantize_onnx(src_onnx, mode: str, out=None, *, calib_method: str = "minmax"
     if mode not in ONNX_MODES:
         raise UserError(f"unknown mode {mode!r} (choose from {', '.join(ONNX_MODES)})")
     out = Path(out) if out is not None else default_output(src, mode)
+    import onnxruntime
+
     source = _load_onnx(src)
-    props = _check_hotpath(source, src)
+    meta = _hotpath_metadata(source, src)
     exclude = list(exclude or ())
-    details: dict = {"mode": mode, "tool": "onnxruntime " + __import__("onnxruntime").__version__}
+    details: dict = {"mode": mode, "tool": "onnxruntime " + onnxruntime.__version__}
 
     with tempfile.TemporaryDirectory(prefix="hotpath-quant.") as tmpdir:
         tmp = Path(tmpdir)
@@ -243,13 +238,13 @@ def quantize_onnx(src_onnx, mode: str, out=None, *, calib_method: str = "minmax"
             if mode == "int8-dynamic":
                 model = _int8_dynamic(pre, tmp / "q.onnx", excluded, per_channel, details)
             elif mode == "int8-static":
-                model = _int8_static(pre, tmp / "q.onnx", src, out, props, excluded, details, calib_method=calib_method,
+                model = _int8_static(pre, tmp / "q.onnx", src, out, meta, excluded, details, calib_method=calib_method,
                                      calib_samples=calib_samples, calib_cache=calib_cache, recalibrate=recalibrate,
-                                     corpus=corpus, corpus_bytes=corpus_bytes, threads=threads, verbose=verbose,
+                                     corpus=corpus, corpus_bytes=corpus_bytes, threads=threads,
                                      quantize_attention=quantize_attention, op_types=list(op_types))
             else:
                 model = _int4_weight(pre_model, excluded, block_size, accuracy_level, quantize_embedding, details)
-        props = {**props, "hotpath.quantization": json.dumps(details)}
+        props = {**meta["props"], "hotpath.quantization": json.dumps(details)}
         if mode == "fp16":
             props["hotpath.dtype"] = "fp16"  # weights and KV cache, as export's own fp16 decoder
         return _save(model, out, props)
@@ -267,7 +262,7 @@ def _fp16(source: onnx.ModelProto, exclude: list[str], details: dict) -> onnx.Mo
                                         node_block_list=node_block or None)
 
 
-def _int8_dynamic(pre: Path, out: Path, excluded, per_channel: bool, details: dict) -> onnx.ModelProto:
+def _int8_dynamic(pre: Path, out: Path, excluded: list[str], per_channel: bool, details: dict) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     details.update({"weights": "int8 symmetric" + (" per channel" if per_channel else " per tensor"),
@@ -279,9 +274,10 @@ def _int8_dynamic(pre: Path, out: Path, excluded, per_channel: bool, details: di
     return onnx.load(str(out))
 
 
-def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, props, excluded, details, *, calib_method,
-                 calib_samples, calib_cache, recalibrate, corpus, corpus_bytes, threads, verbose,
-                 quantize_attention: bool = False, op_types=("MatMul", "Gemm")) -> onnx.ModelProto:
+def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, meta: dict[str, Any], excluded: list[str],
+                 details: dict, *, calib_method: str, calib_samples: int, calib_cache: str | os.PathLike | None,
+                 recalibrate: bool, corpus: Optional[list[str]], corpus_bytes: Optional[int], threads: Optional[int],
+                 quantize_attention: bool = False, op_types: Sequence[str] = ("MatMul", "Gemm")) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if calib_method not in CALIB_METHODS:
@@ -296,15 +292,15 @@ def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, props, exclud
     reused = cache.exists()
     reader = None
     if not reused:
-        prefill = R.OrtPrefill(pre, threads=threads, config=R.hotpath_config(props))
-        ids = calibration_tokens(props, corpus, corpus_bytes)
+        prefill = R.OrtPrefill(pre, threads=threads, config=gpt_config(meta))
+        ids = calibration_tokens(meta, corpus, corpus_bytes)
         reader = CorpusCalibrationReader(prefill, ids, prefill.config.block_size, calib_samples)
         del prefill
     details.update({"format": "QDQ", "weights": "int8 symmetric per channel", "activations": "int8 symmetric",
                     "ops": list(op_types), "attention_matmuls": "int8" if quantize_attention else "float",
                     "calibration": {"method": calib_method, "samples": calib_samples,
                                                                "cache": str(cache), "reused": reused}})
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True}
     if not quantize_attention:  # the QDQ quantizer ignores MatMulConstBOnly: exclude those nodes by name
         attention = activation_matmuls(onnx.load(str(pre), load_external_data=False))
         excluded = sorted(set(excluded) | set(attention))
@@ -325,8 +321,8 @@ def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, props, exclud
     return onnx.load(str(out))
 
 
-def _int4_weight(pre_model: onnx.ModelProto, excluded, block_size: int, accuracy_level, quantize_embedding: bool,
-                 details: dict) -> onnx.ModelProto:
+def _int4_weight(pre_model: onnx.ModelProto, excluded: list[str], block_size: int, accuracy_level: Optional[int],
+                 quantize_embedding: bool, details: dict) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 

@@ -2,38 +2,43 @@
 
 Accuracy: perplexity on the held-out split (deterministic windows of the model context, as `model.eval`), and
 top-1 agreement (the fraction of positions where the transformed model's most likely next token equals the fp32
-model's). Speed: median prefill latency over repeats after warm-up, with the spread (min..max), ratio against fp32.
-Never a speedup without its accuracy cost: `format_report` prints them on one table.
+model's). Speed: median prefill latency over repeats after warm-up, with the spread (min..max), ratio against fp32
+(`common.timing`, both models interleaved run by run). Never a speedup without its accuracy cost: `format_report`
+prints them on one table.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
+from common.timing import measure_interleaved
+from export.onnx_meta import gpt_config, parse_hotpath_metadata
+from export.ort_session import open_session
 from model.corpus import EmptyCorpusError, build_corpus
 from model.data import TokenData, eval_windows
 
 DEFAULT_EVAL_WINDOWS = 32
 DEFAULT_LATENCY_SHAPE = (8, 256)  # batch x tokens: the issue's prefill benchmark
+LATENCY_WARMUP = 2
+
+LogitsFn = Callable[[torch.Tensor], Any]  # input ids (B, T) -> logits (B, T, vocab), a tensor or an array
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------- data
-def corpus_args(meta: dict | None) -> tuple[Optional[list[str]], int]:
+def corpus_args(meta: Optional[dict]) -> tuple[Optional[list[str]], int]:
     """The corpus a checkpoint was trained on (its `meta["args"]`), so the held-out split is the same one."""
     args = (meta or {}).get("args", {}) or {}
     return args.get("corpus"), int(args.get("corpus_bytes") or 8_000_000)
 
 
-def load_token_data(tokenizer, meta: dict | None = None, corpus: Optional[list[str]] = None,
+def load_token_data(tokenizer: Any, meta: Optional[dict] = None, corpus: Optional[list[str]] = None,
                     corpus_bytes: Optional[int] = None) -> TokenData:
     default_corpus, default_bytes = corpus_args(meta)
     try:
@@ -43,7 +48,7 @@ def load_token_data(tokenizer, meta: dict | None = None, corpus: Optional[list[s
     return TokenData.encode(c, tokenizer)
 
 
-def eval_batches(ids: torch.Tensor, block: int, windows: int = DEFAULT_EVAL_WINDOWS, batch_size: int = 8):
+def eval_batches(ids: torch.Tensor, block: int, windows: int = DEFAULT_EVAL_WINDOWS, batch_size: int = 8) -> Batches:
     """Deterministic non-overlapping windows of `block` tokens, batched: list of (x, y) int64 (B, block)."""
     ws = list(eval_windows(ids, block, windows))
     if not ws:
@@ -53,7 +58,8 @@ def eval_batches(ids: torch.Tensor, block: int, windows: int = DEFAULT_EVAL_WIND
             for i in range(0, len(ws), batch_size)]
 
 
-def score(logits_fn: Callable[[torch.Tensor], Any], batches, reference_top1: Optional[list[np.ndarray]] = None):
+def score(logits_fn: LogitsFn, batches: Batches,
+          reference_top1: Optional[list[np.ndarray]] = None) -> dict[str, Any]:
     """Loss, perplexity, the argmax per position, and agreement with `reference_top1` when given."""
     total, count, agree, top1 = 0.0, 0, 0, []
     for i, (x, y) in enumerate(batches):
@@ -65,65 +71,39 @@ def score(logits_fn: Callable[[torch.Tensor], Any], batches, reference_top1: Opt
         if reference_top1 is not None:
             agree += int((t1 == reference_top1[i]).sum())
     loss = total / count
-    out = {"loss": loss, "ppl": math.exp(loss), "tokens": count, "top1": top1}
+    out: dict[str, Any] = {"loss": loss, "ppl": math.exp(loss), "tokens": count, "top1": top1}
     if reference_top1 is not None:
         out["top1_agreement"] = agree / count
     return out
 
 
-def torch_logits_fn(model):
+def torch_logits_fn(model: torch.nn.Module) -> LogitsFn:
     @torch.inference_mode()
-    def fn(x):
+    def fn(x: torch.Tensor) -> torch.Tensor:
         return model(x).float()
     return fn
 
 
 # ---------------------------------------------------------------------------------------------- ONNX Runtime
-def read_props(model_or_path) -> dict[str, str]:
-    """metadata_props of an ONNX model (without loading its weights when given a path)."""
-    import onnx
-
-    m = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path),
-                                                                                load_external_data=False)
-    return {p.key: p.value for p in m.metadata_props}
-
-
-def hotpath_config(props: dict[str, str]):
-    from model.gpt import GPTConfig
-
-    raw = props.get("hotpath.config")
-    if not raw:
-        raise UserError("the ONNX model has no hotpath.config metadata (export it with python -m export.to_onnx)")
-    return GPTConfig.from_dict(json.loads(raw))
-
-
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-
-
-def session_options(threads: Optional[int] = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or os.cpu_count() or 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return so
 
 
 class OrtPrefill:
     """An ONNX Runtime session over a hotpath decoder, run as a prefill (empty past): logits for input_ids.
 
     Feeds are built from the session's own inputs: `input_ids`, `attention_mask` (ones), `position_ids`
-    (0..T-1) and empty past key/values (B, H_kv, 0, D) for a KV-cache export."""
+    (0..T-1) and empty past key/values (B, H_kv, 0, D) for a KV-cache export. `config` is needed for a graph
+    without hotpath metadata (ONNX Runtime's pre-processed copy); the CPU provider unless `providers` says."""
 
-    def __init__(self, path, threads: Optional[int] = None, config=None, providers=None):
-        import onnxruntime as ort
-
+    def __init__(self, path: str | os.PathLike, threads: Optional[int] = None, config: Any = None,
+                 providers: Optional[Sequence[str]] = None):
         self.path = Path(path)
-        self.config = config or hotpath_config(read_props(path))
-        self.session = ort.InferenceSession(str(path), session_options(threads),
-                                            providers=providers or ["CPUExecutionProvider"])
+        # one inter-op thread: a decoder graph is a chain, and the intra-op threads are the ones timed
+        self.session = open_session(self.path, providers=providers or ["CPUExecutionProvider"], threads=threads,
+                                    inter_op_threads=1)
+        self.config = config or gpt_config(parse_hotpath_metadata(
+            self.session.get_modelmeta().custom_metadata_map, str(self.path)))
         self.inputs = self.session.get_inputs()
         self.logits_name = next((o.name for o in self.session.get_outputs() if "logits" in o.name),
                                 self.session.get_outputs()[0].name)
@@ -131,7 +111,7 @@ class OrtPrefill:
     def feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         B, T = ids.shape
         cfg = self.config
-        out = {}
+        out: dict[str, np.ndarray] = {}
         for i in self.inputs:
             dtype = _NP.get(i.type, np.float32)
             name = i.name.lower()
@@ -150,64 +130,59 @@ class OrtPrefill:
                                 "(quantize models written by python -m export.to_onnx)")
         return out
 
-    def __call__(self, x) -> np.ndarray:
+    def __call__(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
         ids = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         return self.session.run([self.logits_name], self.feeds(ids))[0]
 
 
-# ---------------------------------------------------------------------------------------------- speed, size
-def time_call(fn: Callable[[], Any], warmup: int = 2, repeats: int = 7) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+# ---------------------------------------------------------------------------------------------- side by side
+def latency_batch(vocab_size: int, block: int, shape: tuple[int, int] = DEFAULT_LATENCY_SHAPE) -> np.ndarray:
+    """The timed prefill's input ids: batch x min(tokens, context), fixed seed."""
+    b, t = shape
+    return np.random.default_rng(0).integers(0, vocab_size, (b, min(t, block)), dtype=np.int64)
 
 
-def latency_pair(fp32_fn: Callable[[], Any], other_fn: Callable[[], Any], warmup: int = 2, repeats: int = 7):
-    """Both measured in the same process, interleaved run by run so that machine noise hits both alike."""
-    for _ in range(warmup):
-        fp32_fn(), other_fn()
-    a, b = [], []
-    for _ in range(repeats):
-        for fn, acc in ((fp32_fn, a), (other_fn, b)):
-            t = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t)
-    stats = lambda ts: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
-    sa, sb = stats(a), stats(b)
-    return sa, sb, sa["median_s"] / sb["median_s"]
+def latency(baseline_fn: LogitsFn, variant_fn: LogitsFn, inputs: np.ndarray, *, runtime: str, threads: int,
+            repeats: int) -> dict[str, Any]:
+    """Prefill latency of both on the same input ids, interleaved run by run in this process so that machine noise
+    hits both alike: {runtime, shape, threads, baseline, variant (Timing.to_dict()), speedup}."""
+    x = torch.from_numpy(inputs)
+    base, var = measure_interleaved([lambda: baseline_fn(x), lambda: variant_fn(x)], warmup=LATENCY_WARMUP,
+                                    repeats=repeats)
+    return {"runtime": runtime, "shape": list(x.shape), "threads": threads, "baseline": base.to_dict(),
+            "variant": var.to_dict(), "speedup": base.median / var.median}
 
 
-def file_bytes(path) -> int:
+def compare(baseline_fn: LogitsFn, variant_fn: LogitsFn, batches: Batches, *,
+            latency_inputs: Optional[np.ndarray], runtime: str, threads: int, repeats: int = 7) -> dict[str, Any]:
+    """Perplexity before/after, top-1 agreement and the interleaved latency ratio of two logits functions."""
+    before = score(baseline_fn, batches)
+    after = score(variant_fn, batches, reference_top1=before["top1"])
+    r: dict[str, Any] = {
+        "ppl_before": before["ppl"], "ppl_after": after["ppl"], "loss_before": before["loss"],
+        "loss_after": after["loss"], "ppl_increase_pct": 100 * (after["ppl"] / before["ppl"] - 1),
+        "top1_agreement": after["top1_agreement"], "eval_tokens": after["tokens"],
+    }
+    if latency_inputs is not None and repeats > 0:
+        r["latency"] = latency(baseline_fn, variant_fn, latency_inputs, runtime=runtime, threads=threads,
+                               repeats=repeats)
+    return r
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Size of a file plus its external-data file (`model.onnx.data`) when it has one."""
     path = Path(path)
     data = Path(str(path) + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def machine() -> dict[str, Any]:
-    import platform
-
-    import onnxruntime as ort
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "torch_threads": torch.get_num_threads()}
-
-
 # ---------------------------------------------------------------------------------------------- report
 def _mb(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 2**20:.2f} MB"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -226,10 +201,11 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  top-1 agrees  {100 * r['top1_agreement']:.2f}% of positions with the fp32 model")
     lat = r.get("latency")
     if lat:
-        lines.append(f"  latency       {lat['baseline']['median_s'] * 1e3:.1f} ms -> {lat['variant']['median_s'] * 1e3:.1f} ms"
+        base, var = lat["baseline"], lat["variant"]
+        lines.append(f"  latency       {_ms(base['median_s'])} ms -> {_ms(var['median_s'])} ms"
                      f"  ({speed_words(lat['speedup'])}; {lat['runtime']}, prefill {lat['shape'][0]}x{lat['shape'][1]},"
-                     f" median of {lat['variant']['repeats']}, spread {lat['variant']['min_s'] * 1e3:.1f}.."
-                     f"{lat['variant']['max_s'] * 1e3:.1f} ms, {lat['threads']} threads)")
+                     f" median of {var['repeats']}, spread {_ms(var['min_s'])}..{_ms(var['max_s'])} ms,"
+                     f" {lat['threads']} threads)")
     for note in r.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)
@@ -237,10 +213,6 @@ def format_report(r: dict[str, Any]) -> str:
 
 def speed_words(speedup: float) -> str:
     return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
-
-
-def jsonable(r: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(r, default=str))
 
 
 def ppl_gate(r: dict[str, Any], max_increase_pct: Optional[float]) -> Optional[str]:

@@ -19,12 +19,21 @@ does the second half for a model you loaded yourself). Re-quantizing grid-rounde
 from __future__ import annotations
 
 import copy
+import os
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.errors import UserError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from model.gpt import GPT
 
 MODES = ("int8-weight", "int8-dynamic")
 META_KEY = "quantization"
@@ -41,7 +50,10 @@ def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8WeightOnlyLinear(nn.Module):
     """A linear layer holding int8 weights and per-channel scales; computes in the input's dtype."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    weight_int8: torch.Tensor  # (out, in) int8, a buffer
+    weight_scale: torch.Tensor  # (out,) fp32, a buffer
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()
         self.in_features, self.out_features = q.shape[1], q.shape[0]
         self.register_buffer("weight_int8", q)
@@ -53,12 +65,11 @@ class Int8WeightOnlyLinear(nn.Module):
         q, scale = quantize_weight_int8(linear.weight)
         return cls(q, scale, linear.bias)
 
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight_int8.to(dtype) * self.weight_scale.to(dtype)[:, None]
 
-    def forward(self, x):
-        w = self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -66,8 +77,6 @@ class Int8WeightOnlyLinear(nn.Module):
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        from common.cli import UserError
-
         raise UserError(f"unknown torch quantization mode {mode!r} (choose from {', '.join(MODES)})")
 
 
@@ -87,11 +96,10 @@ def quantize_model(model: nn.Module, mode: str = "int8-weight", *, inplace: bool
         with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao; still works
             warnings.simplefilter("ignore")
             quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    model.hotpath_quantization = mode
     return model
 
 
-def _swap_linears(module: nn.Module, make) -> None:
+def _swap_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(module, name, make(child))
@@ -122,17 +130,19 @@ def quantization_meta(mode: str) -> dict[str, Any]:
             "layers": "every nn.Linear", "apply": "quantize.torch_quant.load_quantized"}
 
 
-def save_quantized_checkpoint(path, model: nn.Module, tokenizer, meta: dict | None, mode: str):
+def save_quantized_checkpoint(path: str | os.PathLike, model: GPT, tokenizer: Tokenizer, meta: Optional[dict],
+                              mode: str) -> Path:
     """Write `model` (unquantized GPT) as a checkpoint marked for `mode`, weights rounded to the int8 grid."""
     from model.checkpoint import save_checkpoint
 
     _check_mode(mode)
-    rounded = round_to_int8_grid(copy.deepcopy(model))
+    rounded = copy.deepcopy(model)
+    round_to_int8_grid(rounded)
     meta = {**(meta or {}), META_KEY: quantization_meta(mode)}
-    return save_checkpoint(path, rounded, tokenizer, meta)
+    return save_checkpoint(Path(path), rounded, tokenizer, meta)
 
 
-def apply_quantization(model: nn.Module, meta: dict | None) -> nn.Module:
+def apply_quantization(model: nn.Module, meta: Optional[dict]) -> nn.Module:
     """Quantize a freshly loaded model as its checkpoint's meta asks (unchanged when it asks nothing)."""
     q = (meta or {}).get(META_KEY)
     if not q or q.get("backend") != "torch":
@@ -140,11 +150,11 @@ def apply_quantization(model: nn.Module, meta: dict | None) -> nn.Module:
     return quantize_model(model, q["mode"], inplace=True)
 
 
-def load_quantized(path, device: str = "cpu"):
+def load_quantized(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """`load_checkpoint` plus the quantization its meta records: (model, tokenizer, meta)."""
     from model.checkpoint import load_checkpoint
 
-    model, tokenizer, meta = load_checkpoint(path, device=device)
+    model, tokenizer, meta = load_checkpoint(Path(path), device=device)
     return apply_quantization(model, meta), tokenizer, meta
 
 

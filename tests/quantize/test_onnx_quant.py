@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from export.onnx_meta import read_metadata_props
 from quantize import perplexity_onnx, quantize_onnx
 from quantize import report as R
 
@@ -35,8 +36,8 @@ def test_mode_runs_in_ort_with_kv_cache(tiny_onnx, fp32_run, mode, tmp_path):
     ids, ref_logits, ref_ppl = fp32_run
     out = quantize_onnx(tiny_onnx, mode, out=tmp_path / f"tiny.{mode}.onnx", calib_samples=4, corpus_bytes=400_000)
     assert out.exists() and out.name == f"tiny.{mode}.onnx"
-    props = R.read_props(out)
-    src_props = R.read_props(tiny_onnx)
+    props = read_metadata_props(out)
+    src_props = read_metadata_props(tiny_onnx)
     for key in ("hotpath.config", "hotpath.tokenizer", "hotpath.version", "hotpath.source_sha256", "hotpath.kv_cache"):
         assert props[key] == src_props[key], key
     assert json.loads(props["hotpath.quantization"])["mode"] == mode
@@ -72,7 +73,7 @@ def test_quantized_files_are_smaller(tiny_onnx, tmp_path):
 def test_static_is_qdq_symmetric_and_reuses_calibration(tiny_onnx, tmp_path):
     out = tmp_path / "s.onnx"
     quantize_onnx(tiny_onnx, "int8-static", out=out, calib_samples=4, calib_method="entropy", corpus_bytes=400_000)
-    details = json.loads(R.read_props(out)["hotpath.quantization"])
+    details = json.loads(read_metadata_props(out)["hotpath.quantization"])
     cache = details["calibration"]["cache"]
     assert details["calibration"]["reused"] is False and cache.endswith(".calib-entropy-4.json")
     model = onnx.load(str(out))
@@ -84,7 +85,7 @@ def test_static_is_qdq_symmetric_and_reuses_calibration(tiny_onnx, tmp_path):
                for i in model.graph.initializer if i.name.endswith("_scale"))  # per-channel weight scales
     # second run: the ranges come from the cache, no calibration pass, same graph
     quantize_onnx(tiny_onnx, "int8-static", out=out, calib_samples=4, calib_method="entropy", corpus=["/nonexistent"])
-    again = json.loads(R.read_props(out)["hotpath.quantization"])
+    again = json.loads(read_metadata_props(out)["hotpath.quantization"])
     assert again["calibration"]["reused"] is True
 
 
@@ -135,7 +136,7 @@ def test_checkpoint_input_is_exported_first(tiny_ckpt, tmp_path):
     assert r["latency"]["runtime"] == "onnxruntime CPU" and r["latency"]["speedup"] > 0
     import hashlib
 
-    assert R.read_props(out)["hotpath.source_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
+    assert read_metadata_props(out)["hotpath.source_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
 
 
 def test_list_nodes_names_what_exclude_takes(tiny_onnx, tmp_path, capsys):
@@ -147,4 +148,4 @@ def test_list_nodes_names_what_exclude_takes(tiny_onnx, tmp_path, capsys):
     assert len(head) == 1 and any(w == "activation" for _, _, w in rows)
     out = quantize_onnx(tiny_onnx, "int8-static", out=tmp_path / "e.onnx", exclude=head, calib_samples=2,
                         corpus_bytes=400_000)
-    assert json.loads(R.read_props(out)["hotpath.quantization"])["excluded_nodes"] == head
+    assert json.loads(read_metadata_props(out)["hotpath.quantization"])["excluded_nodes"] == head
