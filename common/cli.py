@@ -10,7 +10,7 @@ import argparse
 import json
 import math
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from .errors import UserError
 from .files import atomic_path, existing_file, write_json_atomic
@@ -46,8 +46,15 @@ def run(main: Callable[[Optional[list[str]]], Optional[int]], argv: Optional[lis
     sys.exit(code or 0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with hotpath's error convention: a bad flag is one line, `error: ...`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = _Parser(prog=prog, description=description)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
