@@ -14,6 +14,7 @@ Benchmarks measure, they never fail on a time; the exit code is 1 only if a corr
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 import traceback
@@ -28,7 +29,13 @@ from common.files import write_json_atomic
 from .gpu import adamw, attention, softmax, train_step
 from .gpu.context import DEFAULT_BUDGET_S, SUITE, Context
 
-DEFAULT_OUT = Path("bench/results/gpu_suite.json")
+RESULTS_DIR = Path("bench/results/gpu")  # where bench.report looks for GPU runs
+
+
+def default_out(info: dict[str, Any]) -> Path:
+    """bench/results/gpu/<date>-<gpu>.json, e.g. 2026-12-02-nvidia-h200.json."""
+    gpu = re.sub(r"[^a-z0-9]+", "-", str(info.get("gpu") or "cuda").lower()).strip("-")
+    return RESULTS_DIR / f"{str(info['date'])[:10]}-{gpu}.json"
 
 SECTIONS: list[tuple[str, Callable[[Context], None]]] = [
     ("attention", attention.section),
@@ -58,7 +65,8 @@ def parse_sections(text: Optional[str]) -> list[tuple[str, Callable[[Context], N
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = cli.parser("python -m bench.gpu_suite", __doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"JSON results (default {RESULTS_DIR}/<date>-<gpu>.json)")
     p.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     p.add_argument("--sections", default=None, help=f"comma-separated subset of: {', '.join(n for n, _ in SECTIONS)}")
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="whole-suite time budget in seconds")
@@ -72,6 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: no CUDA GPU (run this on a GPU machine)", file=sys.stderr)
         return 2
     info = machine_info()
+    out = args.out or default_out(info)
     ctx = Context(device=info.get("gpu") or "cuda", quick=args.quick, budget_s=args.budget_s)
     print(f"gpu suite on {ctx.device}: sections {', '.join(n for n, _ in sections)}, budget {args.budget_s:.0f} s",
           flush=True)
@@ -86,10 +95,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 print(f"section {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
     elapsed = time.monotonic() - ctx.start
-    write_json_atomic(args.out, {"suite": SUITE, "machine": info, "quick": args.quick, "elapsed_s": elapsed,
+    write_json_atomic(out, {"suite": SUITE, "machine": info, "quick": args.quick, "elapsed_s": elapsed,
                                  "rows": ctx.rows})
     skipped = sum(1 for r in ctx.rows if r.get("skipped"))
-    print(f"{len(ctx.rows)} rows ({skipped} skipped, {ctx.failures} failed checks) in {elapsed:.0f} s -> {args.out}")
+    print(f"{len(ctx.rows)} rows ({skipped} skipped, {ctx.failures} failed checks) in {elapsed:.0f} s -> {out}")
     return 1 if ctx.failures else 0
 
 
