@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from common import cli
 from common.cli import UserError
-from model.generate import print_stream
+from model.generate import check_prompt, print_stream
 
 from .onnx_meta import gpt_config, parse_hotpath_metadata, tokenizer_of
 from .ort_session import open_session
@@ -148,10 +148,7 @@ class OnnxDecoder:
 
         ctx = self.config.block_size
         prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) > ctx:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx}")
+        check_prompt(prompt_ids, ctx)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids) + 1)
         seq = list(prompt_ids)
@@ -192,10 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     dec = OnnxDecoder(args.model, providers=args.provider, threads=args.threads)
     prompt_ids = dec.tokenizer.encode(args.prompt).ids
     ctx = dec.config.block_size
-    if not prompt_ids:
-        raise UserError("the prompt is empty (pass --prompt TEXT)")
-    if len(prompt_ids) > ctx:
-        raise UserError(f"the prompt has {len(prompt_ids)} tokens, over the model context of {ctx} (shorten it)")
+    check_prompt(prompt_ids, ctx, user_error=True)
     print(f"note: {Path(args.model).name} on {dec.provider}, {dec.dtype.name}", file=sys.stderr)
     print_stream(dec.tokenizer, args.prompt, dec.stream(
         prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
