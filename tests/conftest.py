@@ -19,7 +19,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-TINY_CORPUS_BYTES = 400_000
+from tests.helpers import TINY_CORPUS_BYTES  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,3 +51,15 @@ def tiny_model(tiny_ckpt):
     from model import load_checkpoint
 
     return load_checkpoint(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint's default export (fp32, KV-cache decoder), made once per session through
+    `python -m export.to_onnx`'s main(), validated against PyTorch; the export report (JSON) lies beside it as
+    tiny.json. Every package's ONNX tests use this one file (exporting takes seconds)."""
+    from export.to_onnx import main
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    assert main([str(tiny_ckpt), "--out", str(out), "--json", str(out.with_suffix(".json"))]) == 0
+    return out

@@ -1,18 +1,13 @@
-"""Shared exports of the tiny checkpoint: exporting takes seconds, so each graph is exported once per session."""
+"""The export tests' views of the session's one ONNX export (tests/conftest.py's `tiny_onnx`)."""
 import json
 
 import pytest
 
 
 @pytest.fixture(scope="session")
-def onnx_export(tiny_ckpt, tmp_path_factory):
+def onnx_export(tiny_onnx):
     """The default export (fp32, KV cache), made through the CLI's main(): (path to .onnx, report dict)."""
-    from export.to_onnx import main
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    report = out.with_suffix(".json")
-    assert main([str(tiny_ckpt), "--out", str(out), "--json", str(report)]) == 0
-    return out, json.loads(report.read_text())
+    return tiny_onnx, json.loads(tiny_onnx.with_suffix(".json").read_text())
 
 
 @pytest.fixture(scope="session")

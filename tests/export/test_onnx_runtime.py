@@ -8,6 +8,7 @@ from common.cli import UserError
 from model.generate import generate
 
 
+@pytest.mark.slow
 def test_attributes(decoder, tiny_model):
     cfg = tiny_model[0].config
     assert decoder.provider == "CPUExecutionProvider"
@@ -19,6 +20,7 @@ def test_attributes(decoder, tiny_model):
     assert decoder.tokenizer.to_str() == tiny_model[1].to_str()
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_prefill_with_empty_past_then_decode_matches_torch(decoder, tiny_model):
     model = tiny_model[0]
@@ -38,6 +40,7 @@ def test_prefill_with_empty_past_then_decode_matches_torch(decoder, tiny_model):
         assert present[0][0].shape[2] == 8 + step
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_left_padded_batch_gives_the_tokens_of_unpadded_runs(decoder, tiny_model):
     """The serving pattern: left-pad prompts, grow the mask each step; same greedy tokens as single runs."""
@@ -57,6 +60,7 @@ def test_left_padded_batch_gives_the_tokens_of_unpadded_runs(decoder, tiny_model
         assert out[b] == generate(model, p, 12) == decoder.generate(p, 12)
 
 
+@pytest.mark.slow
 def test_generate_and_stream_match_model_generate(decoder, tiny_model):
     model, tokenizer, _ = tiny_model
     prompt = tokenizer.encode("def f(x):\n").ids
@@ -71,6 +75,7 @@ def test_generate_and_stream_match_model_generate(decoder, tiny_model):
     assert decoder.generate(prompt, 20, eos_id=eos)[-1] == eos
 
 
+@pytest.mark.slow
 def test_context_limits(decoder, tiny_model):
     model = tiny_model[0]
     ctx = model.config.block_size
@@ -85,6 +90,7 @@ def test_context_limits(decoder, tiny_model):
         decoder.forward(np.ones((1, 3), dtype=np.int64), np.ones((1, 2), dtype=np.int64))
 
 
+@pytest.mark.slow
 def test_providers_and_threads(onnx_export):
     with pytest.raises(UserError, match="lacks NoSuchExecutionProvider"):
         OnnxDecoder(onnx_export[0], providers=["NoSuchExecutionProvider"])
@@ -103,6 +109,7 @@ def test_pad_left():
         pad_left([[1], []])
 
 
+@pytest.mark.slow
 def test_cli_generates(onnx_export, tiny_model, capsys):
     model, tokenizer, _ = tiny_model
     assert main([str(onnx_export[0]), "--prompt", "def ", "--max-new-tokens", "8", "--threads", "1"]) == 0

@@ -14,14 +14,14 @@ from export.to_onnx import export_onnx, failed_path, main, save_model
 from export.validate import TOLERANCES, Tolerance
 from common import cli
 from common.cli import UserError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
 
 
 def _dims(value_info):
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
+@pytest.mark.slow
 def test_export_writes_a_validated_kv_decoder(onnx_export, tiny_model):
     path, report = onnx_export
     model, _, _ = tiny_model
@@ -50,6 +50,7 @@ def test_export_writes_a_validated_kv_decoder(onnx_export, tiny_model):
     assert len(ins) == 3 + 2 * cfg.n_layer and len(outs) == 1 + 2 * cfg.n_layer
 
 
+@pytest.mark.slow
 def test_metadata_makes_the_file_self_contained(onnx_export, tiny_model, tiny_ckpt):
     path, _ = onnx_export
     model, tokenizer, _ = tiny_model
@@ -92,6 +93,7 @@ def test_foreign_or_corrupt_onnx_is_refused(tmp_path):
         read_hotpath_metadata(tmp_path / "missing.onnx")
 
 
+@pytest.mark.slow
 def test_external_data_save_runs_the_same(onnx_export, decoder, tmp_path):
     import onnx_ir as ir
 
@@ -107,6 +109,7 @@ def test_external_data_save_runs_the_same(onnx_export, decoder, tmp_path):
     assert read_hotpath_metadata(tmp_path / "ext.onnx")["kv_cache"]
 
 
+@pytest.mark.slow
 def test_fp16_failed_validation_is_kept_and_named(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """One fp16 export: its real accuracy passes the fp16 tolerance; with an impossible tolerance the CLI keeps the
     file as *.failed.onnx, leaves an existing good file alone, and exits 1."""
@@ -144,6 +147,7 @@ def test_fp16_failed_validation_is_kept_and_named(tiny_ckpt, tmp_path, monkeypat
     assert dec.empty_past(2)[0][0].dtype == np.float16
 
 
+@pytest.mark.slow
 def test_patched_model_without_kv_cache_exports(tiny_model, tmp_path):
     """The in-memory API, a kernels-patched model (translation table passed), and the logits-only graph."""
     import copy
@@ -198,6 +202,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_ckpt, ca
     assert set(tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_module_entry_point_reports_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "export.to_onnx", str(tmp_path / "nope.pt")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -222,6 +222,7 @@ class _Attn(torch.nn.Module):
         return kernels.attention(q, k, v, causal=self.causal)
 
 
+@pytest.mark.slow  # torch.compile (dynamo + AOT autograd): seconds, the first time in a process
 def test_torch_compile_forward_backward():
     torch._dynamo.reset()
     q, k, v, do = _inputs(1, 4, 2, 9, 14, 16, torch.float32, seed_key="compile")
@@ -257,6 +258,7 @@ def _export_onnx(module, args, tmp_path, dynamic_shapes=None):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_onnx_export_dynamic_shapes(tmp_path, causal):
     """GQA, dynamic B, T and S; ORT run on T == S, decode, chunked prefill and T > S."""
@@ -271,6 +273,7 @@ def test_onnx_export_dynamic_shapes(tmp_path, causal):
                           A.attention_ref(q.double(), k.double(), v.double(), causal=causal))
 
 
+@pytest.mark.slow
 def test_onnx_export_fp16(tmp_path):
     q, k, v, _ = _inputs(1, 2, 1, 6, 10, 32, torch.float16, seed_key="onnx16")
     sess = _export_onnx(_Attn(True).eval(), (q, k, v), tmp_path)

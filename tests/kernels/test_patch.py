@@ -222,6 +222,7 @@ def test_convergence_patch_and_fused_adamw_track_the_reference():
 # ---------------------------------------------------------------------------------------------------------------
 # torch.compile, torch.export and ONNX on a patched model
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torch_compile_patched_model():
     torch._dynamo.reset()
     model = _tiny()
@@ -237,6 +238,7 @@ def test_torch_compile_patched_model():
     assert_close_fp32(model.wte.weight.grad, ref.wte.weight.grad)
 
 
+@pytest.mark.slow
 def test_torch_export_and_onnx_of_a_patched_model(tmp_path):
     import onnxruntime as ort
 
@@ -259,6 +261,7 @@ def test_torch_export_and_onnx_of_a_patched_model(tmp_path):
     assert_close_fp32(torch.from_numpy(logits), ref(ids))
 
 
+@pytest.mark.slow
 def test_onnx_export_of_a_patched_explicit_softmax(tmp_path):
     import onnxruntime as ort
 
@@ -294,6 +297,7 @@ def _hf_llama():
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_model_patch(arch, counting_attention):
     model = _hf_gpt2()[0] if arch == "gpt2" else _hf_llama()

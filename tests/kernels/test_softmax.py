@@ -177,6 +177,7 @@ class _Softmax(torch.nn.Module):
         return kernels.softmax(x, scale=self.scale, causal=self.causal)
 
 
+@pytest.mark.slow  # torch.compile (dynamo + AOT autograd): seconds, the first time in a process
 def test_torch_compile_forward_backward():
     torch._dynamo.reset()
     x, dy = _inputs((2, 7, 12), torch.float32, "compile")
@@ -197,6 +198,7 @@ def test_translation_table_covers_softmax():
     assert torch.ops.hotpath.softmax.default in kernels.onnx_translation_table()
 
 
+@pytest.mark.slow
 def test_onnx_export_dynamic_shapes(tmp_path):
     causal = True
     import onnxruntime as ort
@@ -216,6 +218,7 @@ def test_onnx_export_dynamic_shapes(tmp_path):
         assert_close_fp32(torch.from_numpy(out), S.softmax_ref(x.double(), scale=0.7, causal=causal))
 
 
+@pytest.mark.slow
 def test_onnx_export_fp16(tmp_path):
     import onnxruntime as ort
 

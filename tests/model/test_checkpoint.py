@@ -1,6 +1,4 @@
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -8,12 +6,7 @@ import torch
 from model import load_checkpoint, save_checkpoint
 from common.cli import UserError
 from model.checkpoint import read_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+from tests.helpers import run_cli
 
 
 def test_round_trip_pt_and_safetensors(tiny_model, tmp_path):
@@ -61,6 +54,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_bad", ["missing", "truncated", "foreign", "text"])
 def test_cli_bad_checkpoint_one_line_exit_2(make_bad, tiny_ckpt, tmp_path):
     path = tmp_path / "bad.pt"

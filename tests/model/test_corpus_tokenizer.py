@@ -4,6 +4,7 @@ from model.corpus import EmptyCorpusError, build_corpus, is_val
 from model.tokenizer import EOS, train_tokenizer
 
 
+@pytest.mark.slow
 def test_builtin_corpus_split_is_deterministic_and_disjoint():
     a, b = build_corpus(max_bytes=300_000), build_corpus(max_bytes=300_000)
     assert a.train == b.train and a.val == b.val

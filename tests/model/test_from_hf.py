@@ -7,7 +7,9 @@ from model import load_checkpoint  # noqa: E402
 from model.from_hf import convert  # noqa: E402
 from model.tokenizer import train_tokenizer  # noqa: E402
 
-from .test_checkpoint import run_cli  # noqa: E402
+from tests.helpers import run_cli  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test runs `python -m model.from_hf`
 
 
 def hf_model(kind):

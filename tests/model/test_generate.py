@@ -1,9 +1,10 @@
+import pytest
 import torch
 
 from model.generate import generate
 from model.sampling import sample_next
 
-from .test_checkpoint import run_cli
+from tests.helpers import run_cli
 
 
 def test_greedy_with_cache_matches_argmax_without_cache(tiny_model):
@@ -42,6 +43,7 @@ def test_generation_stops_at_the_context(tiny_model):
     assert len(generate(model, [1] * (ctx - 3), 50)) == 4
 
 
+@pytest.mark.slow
 def test_cli_greedy_is_deterministic_and_seeded_sampling_repeats(tiny_ckpt):
     a = run_cli("model.generate", str(tiny_ckpt), "--prompt", "def ", "--max-new-tokens", "8")
     b = run_cli("model.generate", str(tiny_ckpt), "--prompt", "def ", "--max-new-tokens", "8")
@@ -51,11 +53,13 @@ def test_cli_greedy_is_deterministic_and_seeded_sampling_repeats(tiny_ckpt):
     assert s[0] == s[1]
 
 
+@pytest.mark.slow
 def test_cli_prompt_longer_than_context(tiny_ckpt):
     r = run_cli("model.generate", str(tiny_ckpt), "--prompt", "word " * 200)
     assert r.returncode == 2 and "over the model context" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_eval_cli(tiny_ckpt):
     r = run_cli("model.eval", str(tiny_ckpt), "--corpus-bytes", "400000", "--json")
     assert r.returncode == 0, r.stderr

@@ -11,8 +11,7 @@ from model import load_checkpoint
 from model.checkpoint import read_checkpoint
 from model.train import lr_at, main
 
-from ..conftest import TINY_CORPUS_BYTES
-from .test_checkpoint import ROOT, run_cli
+from tests.helpers import ROOT, TINY_CORPUS_BYTES, run_cli
 
 TINY = ["--preset", "tiny", "--corpus-bytes", str(TINY_CORPUS_BYTES), "--vocab-size", "512", "--batch-size", "4",
         "--quiet"]
@@ -31,6 +30,7 @@ def test_training_learns_beyond_unigram(tiny_ckpt):
     assert meta["losses_tail"][-1] < math.log(512)  # below a uniform guess over the vocabulary
 
 
+@pytest.mark.slow
 def test_same_seed_same_run(tmp_path):
     for name in ("a.pt", "b.pt"):
         main([*TINY, "--steps", "4", "--eval-every", "4", "--seed", "7", "--out", str(tmp_path / name)])
@@ -39,6 +39,7 @@ def test_same_seed_same_run(tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     """8 steps straight == 4 steps, stop, resume to 8 (weights, optimizer, schedule and data order restored)."""
     common = [*TINY, "--steps", "8", "--eval-every", "100", "--warmup", "2"]
@@ -52,6 +53,7 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(resumed["model"][k], straight["model"][k], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_bigger_batch(tmp_path):
     torch.manual_seed(0)
     main([*TINY, "--steps", "2", "--batch-size", "2", "--grad-accum", "2", "--eval-every", "100",
@@ -73,6 +75,7 @@ def test_two_process_data_parallel(tmp_path):
     assert meta["tokens_seen"] == 3 * 2 * 4 * 64
 
 
+@pytest.mark.slow
 def test_cli_trains_and_writes_safetensors(tmp_path):
     out = tmp_path / "m.safetensors"
     r = run_cli("model.train", *TINY[:-1], "--steps", "2", "--eval-every", "2", "--out", str(out))
@@ -82,6 +85,7 @@ def test_cli_trains_and_writes_safetensors(tmp_path):
     assert meta["step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--corpus", "EMPTY"], "no text"),
     (["--corpus", "/nonexistent/file.txt"], "does not exist"),

@@ -1,11 +1,10 @@
 """Bad input: one line `error: ...`, exit 2, no traceback, nothing written."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT
 
 
 def _run_main(main, argv, capsys):
@@ -24,8 +23,9 @@ def _one_line_error(code, err):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_unknown_mode_subprocess(tiny_ckpt, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "quantize", str(tiny_ckpt), "--mode", "int3"], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "quantize", str(tiny_ckpt), "--mode", "int3"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     line = _one_line_error(p.returncode, p.stderr)
     assert "unknown mode 'int3'" in line and "int8-static" in line
@@ -46,6 +46,7 @@ def test_torch_mode_on_onnx_and_missing_file(tmp_path, capsys):
     assert "--calib-method" in line
 
 
+@pytest.mark.slow
 def test_calibration_text_too_short(tiny_onnx, tmp_path, capsys):
     from quantize.__main__ import main
 

@@ -10,7 +10,9 @@ from export.onnx_meta import read_metadata_props
 from quantize import perplexity_onnx, quantize_onnx
 from quantize import report as R
 
-from .conftest import sqnr_db
+from tests.helpers import sqnr_db
+
+pytestmark = pytest.mark.slow  # every test needs an ONNX export
 
 # fp16 and int8 keep logits close; 4-bit weights on a 64-wide model are coarser
 MIN_SQNR = {"fp16": 40, "int8-dynamic": 15, "int8-static": 12, "int4-weight": 8}

@@ -7,7 +7,7 @@ from model.gpt import GPT
 from quantize.prune import (block_linears, magnitude_masks, prune_checkpoint, prune_heads, prune_neurons,
                             structured_importance, verify_2_4)
 
-from .conftest import sqnr_db
+from tests.helpers import sqnr_db
 
 FAST = dict(windows=4, latency_repeats=0, ort_latency=False, corpus_bytes=400_000)
 
@@ -81,6 +81,7 @@ def test_magnitude_masks_hit_the_sparsity(tiny_model, scope):
         assert all(abs(1 - m.float().mean().item() - 0.3) < 1e-2 for m in masks.values())
 
 
+@pytest.mark.slow
 def test_two_four_with_finetune(tiny_ckpt, tmp_path):
     out = tmp_path / "p24.pt"
     model, r = prune_checkpoint(tiny_ckpt, "2:4", finetune_steps=3, out=out, **FAST)
@@ -95,6 +96,7 @@ def test_two_four_with_finetune(tiny_ckpt, tmp_path):
     assert r["nonzero_after"] < r["nonzero_before"]
 
 
+@pytest.mark.slow
 def test_magnitude_finetune_keeps_masks(tiny_ckpt, tmp_path):
     model, r = prune_checkpoint(tiny_ckpt, "magnitude", 0.5, finetune_steps=3, out=tmp_path / "m.pt", **FAST)
     zeros = sum(int((lin.weight == 0).sum()) for lin in block_linears(model).values())
@@ -103,6 +105,7 @@ def test_magnitude_finetune_keeps_masks(tiny_ckpt, tmp_path):
     assert r["ppl_increase_pct"] < 25
 
 
+@pytest.mark.slow
 def test_heads_checkpoint_is_smaller_and_exports(tiny_ckpt, tmp_path):
     out = tmp_path / "h.pt"
     model, r = prune_checkpoint(tiny_ckpt, "heads", 0.25, finetune_steps=2, out=out, **FAST)
@@ -123,6 +126,7 @@ def test_heads_checkpoint_is_smaller_and_exports(tiny_ckpt, tmp_path):
         assert sqnr_db(saved(torch.from_numpy(ids)).numpy(), logits) > 60
 
 
+@pytest.mark.slow
 def test_cli_prune_neurons_report(tiny_ckpt, tmp_path, capsys):
     from quantize.prune import main
 

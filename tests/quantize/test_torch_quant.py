@@ -6,7 +6,7 @@ import torch
 from quantize.torch_quant import (Int8WeightOnlyLinear, load_quantized, quantize_model, quantize_weight_int8,
                                   save_quantized_checkpoint)
 
-from .conftest import sqnr_db
+from tests.helpers import sqnr_db
 
 
 def test_weight_quantization_is_symmetric_per_channel():
@@ -58,6 +58,7 @@ def test_checkpoint_roundtrip_requantizes_exactly(tiny_model, tmp_path):
         assert sqnr_db(direct(ids), plain(ids)) > 60
 
 
+@pytest.mark.slow
 def test_cli_torch_mode_reports_and_serve_loads(tiny_ckpt, tmp_path, capsys):
     from quantize.__main__ import main
 

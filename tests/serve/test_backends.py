@@ -17,7 +17,7 @@ from serve.backends.base import Backend
 from serve.backends.torch_backend import TorchBackend
 from serve.engine import Engine, SamplingParams
 
-from .conftest import ROOT, ServerProcess
+from tests.helpers import ROOT, ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 PROMPTS = ["def ", "import os\n", "class Foo(object):\n    def", "x", "for i in range(10):"]
@@ -37,6 +37,7 @@ def refs(model, tok):
     return [generate(model, tok.encode(p).ids, m) for p, m in zip(PROMPTS, MAX_TOKENS)]
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_matches_generate(tiny_model, tiny_onnx):
     model, tok, _ = tiny_model
     backend = load_backend(tiny_onnx)
@@ -45,6 +46,7 @@ def test_onnxruntime_backend_matches_generate(tiny_model, tiny_onnx):
     assert run_engine(backend, tok) == refs(model, tok)
 
 
+@pytest.mark.slow
 def test_onnxruntime_server_matches_generate(tiny_model, tiny_onnx):
     model, tok, _ = tiny_model
     eos = tok.token_to_id("<|endoftext|>")
@@ -80,6 +82,7 @@ def test_torch_quantized_backend_matches_its_own_generate(tiny_model, tiny_ckpt,
     assert run_engine(backend, tok) == refs(quantize_model(model, mode), tok)
 
 
+@pytest.mark.slow
 def test_tensorrt_backend_fails_clearly_without_tensorrt(tmp_path):
     import json
 

@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from .conftest import ServerProcess
+from tests.helpers import ServerProcess
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a real server process
 KEY = "sekret-key"
 
 

@@ -10,7 +10,7 @@ import pytest
 from model.generate import generate
 from serve.loadgen import run_load
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # real server processes
 
 
 def test_32_concurrent_streaming_clients(tiny_server, tiny_model):

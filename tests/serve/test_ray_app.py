@@ -10,7 +10,7 @@ import pytest
 
 from model.generate import generate
 
-from .conftest import ROOT
+from tests.helpers import ROOT
 
 ray = pytest.importorskip("ray")
 ray_serve = pytest.importorskip("ray.serve")

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model.generate import generate
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a real server process
 
 
 def reference(tiny_model, prompt: str, max_tokens: int):
@@ -74,7 +74,8 @@ def test_stop_string(client, tiny_model):
     prompt, kw = "class Foo(object):\n    def", dict(temperature=1.0, seed=7)
     text = tok.decode([t for t in generate(model, tok.encode(prompt).ids, 40, **kw)
                        if t != tok.token_to_id("<|endoftext|>")])
-    starts = [i for i in range(len(text) // 3, len(text) - 2) if text[i:i + 2].strip() and text.index(text[i:i + 2]) == i]
+    starts = [i for i in range(len(text) // 3, len(text) - 2)
+              if text[i:i + 2].strip() and text.index(text[i:i + 2]) == i]
     assert starts, f"no usable stop string in {text!r}"
     stop = text[starts[0]:starts[0] + 2]
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, stop=[stop, "@@never@@"], **kw)

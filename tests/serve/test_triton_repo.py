@@ -10,9 +10,9 @@ import pytest
 
 from serve.triton_repo import check_repo, model_config_pb2, onnx_signature, write_repo
 
-from .conftest import ROOT
+from tests.helpers import ROOT
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # every test needs the ONNX export
 
 
 @pytest.fixture()
@@ -41,7 +41,8 @@ def test_written_repo_matches_triton_schema_and_onnx(repo, tiny_onnx):
 
 EDITS = [
     (r'name: "tiny"', 'name: "other"', "differs from the folder name"),
-    (r'(name: "logits"\n  data_type: )TYPE_FP32', r"\1TYPE_FP16", "logits: data_type TYPE_FP16, the model has TYPE_FP32"),
+    (r'(name: "logits"\n  data_type: )TYPE_FP32', r"\1TYPE_FP16",
+     "logits: data_type TYPE_FP16, the model has TYPE_FP32"),
     (r'name: "position_ids"', 'name: "positions"', "'positions' is not in the model"),
     (r"dims: 512", "dims: 511", "dim 1 is 511 in the config, fixed at 512"),
     (r'input \{\n  name: "attention_mask"\n  data_type: TYPE_INT64\n  dims: -1\n\}\n', "",
