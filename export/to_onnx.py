@@ -138,15 +138,13 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def translation_table(model: nn.Module) -> Optional[dict]:
-    """kernels.onnx_translation_table() for a patched model (None for a plain one, or without kernels)."""
+    """kernels.onnx_translation_table() for a patched model (the kernels own their ops' ONNX form); None for a
+    plain one."""
     if not is_patched(model):
         return None
-    try:
-        import kernels
-    except ImportError:
-        return None
-    table = getattr(kernels, "onnx_translation_table", None)
-    return table() if table is not None else None
+    import kernels
+
+    return kernels.onnx_translation_table()
 
 
 @contextlib.contextmanager

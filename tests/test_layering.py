@@ -11,7 +11,7 @@ ALLOWED = {
     "common": set(),
     "kernels": set(),
     "model": {"common", "kernels"},  # kernels only in model/train.py (see below)
-    "export": {"common", "model"},
+    "export": {"common", "model", "kernels"},  # kernels: the ONNX translations of a patched model's ops
     "quantize": {"common", "model", "export"},
     "serve": {"common", "model", "kernels", "export", "quantize"},  # kernels: the torch backend's --kernels
     "bench": {"common", "model", "kernels", "export", "quantize", "serve"},
