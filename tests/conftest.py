@@ -1,4 +1,5 @@
 import os
+import secrets
 import shutil
 import tempfile
 
@@ -12,6 +13,8 @@ for _var, _sub in (("TRITON_CACHE_DIR", "triton"), ("TRITON_HOME", "triton-home"
                    ("XDG_CACHE_HOME", "xdg"), ("MPLCONFIGDIR", "matplotlib")):
     os.environ[_var] = os.path.join(_CACHE_ROOT, _sub)
 os.environ["HF_HUB_OFFLINE"] = "1"  # no hub downloads, ever
+# Ray's local test cluster authenticates with this session's token instead of creating ~/.ray/auth_token
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 
 # Without a GPU, run hotpath's Triton kernels in Triton's interpreter; must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
