@@ -1,13 +1,16 @@
 """Checkpoint I/O. A `ckpt.pt` is self-contained: weights, config, tokenizer and training metadata.
 
 Loaded with `torch.load(weights_only=True)`: a checkpoint holding pickled code is refused, never executed.
-Writes go to a temporary file renamed into place, so an interrupted save never leaves a half-written checkpoint.
+Writes go to a temporary file renamed into place, so an interrupted save never leaves a half-written checkpoint;
+with `keep_prev` the checkpoint it replaces stays beside it as `<name>.prev.pt` (training's periodic saves).
 The same content can be written as safetensors (config, tokenizer and metadata as JSON strings in its header).
 """
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,9 +30,13 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     meta: Optional[dict[str, Any]] = None,
     extra: Optional[dict[str, Any]] = None,
+    keep_prev: bool = False,
 ) -> Path:
     """Write model weights, config, tokenizer and `meta` (plain JSON-able values). `extra` holds
-    resumable training state (optimizer state dict, step, RNG states) and must also be weights-only loadable."""
+    resumable training state (optimizer state dict, step, RNG states) and must also be weights-only loadable.
+    With `keep_prev`, the file being replaced becomes `prev_path(path)`; at every moment both names hold a complete
+    checkpoint (or none yet): the new file is written and flushed to disk first, then the old one is linked to the
+    .prev name, then the new one is renamed over `path`."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return save_safetensors(path, model, tokenizer, meta)
@@ -44,7 +51,32 @@ def save_checkpoint(
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+        _fsync(tmp)  # a node lost right after the rename must not leave an empty file under the real name
+        if keep_prev and path.exists():
+            _link_prev(path)
     return path
+
+
+def prev_path(path: str | Path) -> Path:
+    """Where `save_checkpoint(keep_prev=True)` keeps the checkpoint it replaced: ckpt.pt -> ckpt.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _link_prev(path: Path) -> None:
+    """Make prev_path(path) the file now at `path`, atomically (a hard link renamed into place; a copy where the
+    file system has no hard links)."""
+    with atomic_path(prev_path(path)) as tmp:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -119,15 +151,27 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is truncated or not a safetensors file ({e})") from e
+    except (SafetensorError, OSError, ValueError) as e:  # the library checks header length and offsets vs. size
+        raise UserError(f"{path} is truncated or not a safetensors file ({e}); re-save or re-download it") from e
     if header.get("format") != FORMAT:
         raise UserError(f"{path} is not a hotpath safetensors checkpoint (no hotpath header)")
-    config = json.loads(header["config"])
-    if config.get("tie_embeddings") and "lm_head.weight" not in tensors:
+    # the header's strings are as untrusted as the weights: each must decode to what save_safetensors wrote
+    fields: dict[str, Any] = {}
+    for key, kind in (("config", dict), ("meta", dict)):
+        try:
+            fields[key] = json.loads(header[key] if key == "config" else header.get(key, "{}"))
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{path} has no valid {key!r} in its safetensors header ({type(e).__name__}); "
+                            "re-save it with hotpath") from e
+        if not isinstance(fields[key], kind):
+            raise UserError(f"{path}: its safetensors header {key!r} is not a JSON object; re-save it with hotpath")
+    if not isinstance(header.get("tokenizer"), str):
+        raise UserError(f"{path} has no tokenizer in its safetensors header; re-save it with hotpath")
+    config = fields["config"]
+    if config.get("tie_embeddings") and "lm_head.weight" not in tensors and "wte.weight" in tensors:
         tensors["lm_head.weight"] = tensors["wte.weight"]
     return {"format": FORMAT, "config": config, "model": tensors, "tokenizer": header["tokenizer"],
-            "meta": json.loads(header.get("meta", "{}"))}
+            "meta": fields["meta"]}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,6 +3,13 @@
 AdamW (torch's or hotpath's FusedAdamW), linear warmup then cosine decay, gradient clipping and accumulation,
 bf16 autocast on GPU, periodic validation, resume, and data parallelism under `torchrun` (gloo on CPU, NCCL on
 GPU). This is the one place in `model/` that composes the model with `kernels/` (`--kernels`, `--optimizer fused`).
+
+Preemption-safe: the full training state (weights, optimizer, step, data order, RNG states) is saved atomically
+every `--save-every` steps, the save before it kept as `<name>.prev.pt`; SIGTERM or a first Ctrl-C finishes the
+current step, saves and exits 0 (every DDP rank stops at the same step; only rank 0 writes); a second Ctrl-C exits
+at once. `--resume auto` continues from `--out` when it exists, so a scheduler can re-run the same command line after
+any kill. With `--out x.safetensors` the resumable state goes to `x.resume.pt` beside it (safetensors holds no
+optimizer state); the safetensors file itself is written at the end.
 """
 from __future__ import annotations
 
@@ -10,9 +17,14 @@ import argparse
 import contextlib
 import math
 import os
+import signal
+import sys
+import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass
-from typing import Any
+from types import FrameType
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,7 +34,7 @@ from tqdm import tqdm
 from common import cli
 from common.version import hotpath_version
 
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, prev_path, read_checkpoint, save_checkpoint
 from .corpus import EmptyCorpusError, build_corpus
 from .data import TokenData, evaluate_loss, random_batch, unigram_perplexity
 from .gpt import GPT, GPTConfig
@@ -51,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.optim.AdamW, or kernels.FusedAdamW (Triton)")
     p.add_argument("--kernels", action="store_true", help="run attention on hotpath's Triton kernels (kernels.patch)")
     p.add_argument("--eval-every", type=cli.positive_int, default=100)
+    p.add_argument("--save-every", type=cli.positive_int, default=None,
+                   help="save the resumable state every N steps (default: --eval-every); the previous save is kept "
+                        "as <name>.prev.pt")
     p.add_argument("--eval-windows", type=cli.positive_int, default=64, help="validation windows per evaluation")
     cli.add_corpus_args(p, default_corpus="the stdlib source")
     p.add_argument("--vocab-size", type=cli.positive_int, default=4096)
-    p.add_argument("--resume", default=None, help="checkpoint to continue from (weights, optimizer, step)")
+    p.add_argument("--resume", default=None, metavar="CKPT|auto",
+                   help="checkpoint to continue from (weights, optimizer, step, data order, RNG); 'auto': from "
+                        "--out's state if it exists, else start fresh")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -127,6 +144,105 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
+def state_path(out: str | Path) -> Path:
+    """Where the resumable training state goes: `--out` itself, or `x.resume.pt` beside `x.safetensors`."""
+    out = Path(out)
+    return out.with_suffix(".resume.pt") if out.suffix == ".safetensors" else out
+
+
+def resolve_resume(resume: Optional[str], out: str | Path) -> Optional[Path]:
+    """The checkpoint `--resume` names; for 'auto', the state at `--out` when there is one (None: start fresh).
+    An existing state that does not load is an error naming it and its .prev.pt, never silently replaced."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    path = state_path(out)
+    if not path.exists():
+        return None
+    try:
+        read_checkpoint(path)
+    except cli.UserError as e:
+        prev = prev_path(path)
+        fallback = (f"resume from the previous save with --resume {prev}" if prev.exists()
+                    else f"there is no previous save at {prev}")
+        raise cli.UserError(f"--resume auto: {path} does not load: {e}; {fallback}, or move {path} away "
+                            "to start fresh") from e
+    return path
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Temporary files a killed save left beside `path` (and its .prev.pt): only a live save could still need one,
+    and this run is the one writing `path`."""
+    for target in (path, prev_path(path)):
+        for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+class StopRequest:
+    """SIGTERM or a first SIGINT asks training to stop after the current step; a second SIGINT raises
+    KeyboardInterrupt at once. Installed only in the main thread; the previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def agree_to_stop(requested: bool, ddp: Dist, device: torch.device) -> bool:
+    """True on every rank when any rank was asked to stop: ranks must leave the loop at the same step, or the
+    others hang in the next gradient all-reduce. One tiny all-reduce per step."""
+    if ddp.world == 1:
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def rng_state(gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """This process's RNG states as one uint8 vector: the data order generator, torch's CPU RNG (dropout), and the
+    CUDA RNG on GPU."""
+    parts = [gen.get_state(), torch.get_rng_state()]
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_rng_state(device))
+    return torch.cat(parts)
+
+
+def set_rng_state(state: torch.Tensor, gen: torch.Generator, device: torch.device) -> None:
+    n_gen, n_cpu = len(gen.get_state()), len(torch.get_rng_state())
+    gen.set_state(state[:n_gen].clone())
+    torch.set_rng_state(state[n_gen:n_gen + n_cpu].clone())
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[n_gen + n_cpu:].clone(), device)
+
+
+def gather_rng_states(gen: torch.Generator, ddp: Dist, device: torch.device) -> torch.Tensor:
+    """(world, n) uint8: every rank's RNG states, so a resumed data-parallel run draws the same batches (collective:
+    every rank calls it)."""
+    mine = rng_state(gen, device)
+    if ddp.world == 1:
+        return mine[None]
+    comm = device if device.type == "cuda" else torch.device("cpu")  # NCCL moves CUDA tensors only
+    parts = [torch.empty_like(mine, device=comm) for _ in range(ddp.world)]
+    dist.all_gather(parts, mine.to(comm))
+    return torch.stack([t.cpu() for t in parts])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ddp = setup_distributed(args.device)
@@ -134,13 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device if not args.device.startswith("cuda") or ddp.world == 1
                           else f"cuda:{ddp.local_rank}")
 
-    resume = read_checkpoint(args.resume) if args.resume else None
+    save_every = args.save_every or args.eval_every
+    state_out = state_path(args.out)
+    resume_path = resolve_resume(args.resume, args.out)
+    resume = read_checkpoint(resume_path) if resume_path else None
     try:
         corpus = build_corpus(args.corpus, max_bytes=args.corpus_bytes)
     except (EmptyCorpusError, FileNotFoundError) as e:
         raise cli.UserError(f"{e} (pass text files with --corpus, or leave it out for the built-in corpus)") from e
-    if resume:
-        model, tokenizer, meta = load_checkpoint(args.resume)
+    if resume_path is not None:
+        model, tokenizer, meta = load_checkpoint(resume_path)
         cfg = model.config
     else:
         try:
@@ -173,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         if "optimizer" in resume:
             optimizer.load_state_dict(resume["optimizer"])
         start_step = int(meta.get("step", 0))
-        if "data_rng" in resume and ddp.world == 1:
+        states = resume.get("rng_states")
+        if states is not None and len(states) == ddp.world:
+            set_rng_state(states[ddp.rank], gen, device)
+        elif "data_rng" in resume and ddp.world == 1:  # checkpoints from before rng_states
             gen.set_state(resume["data_rng"])
     net: torch.nn.Module = model
     if ddp.world > 1:
@@ -194,53 +316,20 @@ def main(argv: list[str] | None = None) -> int:
 
     val_loss = float(meta.get("val_loss", float("nan")))
     stop = min(args.stop_at or args.steps, args.steps)
-    bar = tqdm(range(start_step, stop), initial=start_step, total=args.steps, disable=not ddp.main or args.quiet,
-               unit="step", dynamic_ncols=True)
-    t0, losses = time.perf_counter(), []
-    for step in bar:
-        lr = lr_at(step, args.steps, warmup, args.lr, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for micro in range(args.grad_accum):
-            x, y = random_batch(data.train, args.batch_size, block, gen)
-            x, y = x.to(device), y.to(device)
-            last_micro = micro == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
-            sync = (net.no_sync() if isinstance(net, DistributedDataParallel) and not last_micro
-                    else contextlib.nullcontext())
-            with sync, autocast:
-                logits = net(x)
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.item() / args.grad_accum
-        if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss_sum)
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}",
-                        tok_s=f"{tokens_per_step * (step + 1 - start_step) / elapsed:,.0f}")
-        last = step + 1 == stop
-        if (step + 1) % args.eval_every == 0 or last:
-            if ddp.main:
-                val_loss = evaluate()
-                bar.write(f"step {step + 1}: train loss {loss_sum:.3f}, val loss {val_loss:.3f}, "
-                          f"val ppl {math.exp(val_loss):.1f}")
-            if ddp.world > 1:
-                dist.barrier()
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    steps_run = stop - start_step
-    if ddp.main:
-        if args.kernels:
-            import kernels
+    tokens_before = int(meta.get("tokens_seen", 0))
 
-            kernels.unpatch(model)
-        meta = {
+    def save(done: int, elapsed: float, final: bool) -> Optional[dict[str, Any]]:
+        """Save the state after `done` steps. Collective (every rank calls it at the same step); rank 0 writes
+        the resumable state to `state_out` (the previous save kept as .prev.pt) and, at the end of a run, the
+        safetensors `--out`. Returns the metadata on rank 0."""
+        rng_states = gather_rng_states(gen, ddp, device)
+        if not ddp.main:
+            return None
+        steps_run = done - start_step
+        info = {
             "hotpath_version": hotpath_version(),
-            "step": stop,
-            "tokens_seen": int(meta.get("tokens_seen", 0)) + tokens_per_step * steps_run,
+            "step": done,
+            "tokens_seen": tokens_before + tokens_per_step * steps_run,
             "val_loss": val_loss,
             "val_ppl": math.exp(val_loss) if val_loss == val_loss else None,
             "unigram_val_ppl": unigram,
@@ -249,13 +338,78 @@ def main(argv: list[str] | None = None) -> int:
             "args": {k: v for k, v in vars(args).items() if k not in ("debug",)},
             "world_size": ddp.world,
         }
-        extra = {"optimizer": optimizer.state_dict(), "data_rng": gen.get_state()}
-        out = save_checkpoint(args.out, model, tokenizer, meta,
-                              extra=None if str(args.out).endswith(".safetensors") else extra)
-        if not args.quiet:
-            ppl = f"{meta['val_ppl']:.2f}" if meta["val_ppl"] else "n/a"
-            print(f"saved {out}: step {stop}, val ppl {ppl} (unigram {unigram:.1f}), "
-                  f"{meta['train_tokens_per_s'] or 0:,.0f} train tokens/s")
+        extra = {"optimizer": optimizer.state_dict(), "rng_states": rng_states}
+        save_checkpoint(state_out, model, tokenizer, info, extra=extra, keep_prev=True)
+        if final and state_out != Path(args.out):
+            save_checkpoint(args.out, model, tokenizer, info)
+        return info
+
+    if ddp.main:
+        remove_stale_temps(state_out)
+        remove_stale_temps(Path(args.out))
+    bar = tqdm(range(start_step, stop), initial=start_step, total=args.steps, disable=not ddp.main or args.quiet,
+               unit="step", dynamic_ncols=True)
+    t0, losses = time.perf_counter(), []
+    stopped_at: Optional[int] = None
+    request = StopRequest()
+    with request.installed():
+        for step in bar:
+            lr = lr_at(step, args.steps, warmup, args.lr, min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(args.grad_accum):
+                x, y = random_batch(data.train, args.batch_size, block, gen)
+                x, y = x.to(device), y.to(device)
+                last_micro = micro == args.grad_accum - 1  # DDP all-reduces gradients on the last micro-batch only
+                sync = (net.no_sync() if isinstance(net, DistributedDataParallel) and not last_micro
+                        else contextlib.nullcontext())
+                with sync, autocast:
+                    logits = net(x)
+                    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.item() / args.grad_accum
+            if args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_sum)
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{tokens_per_step * (done - start_step) / elapsed:,.0f}")
+            last = done == stop
+            if done % args.eval_every == 0 or last:
+                if ddp.main:
+                    val_loss = evaluate()
+                    bar.write(f"step {done}: train loss {loss_sum:.3f}, val loss {val_loss:.3f}, "
+                              f"val ppl {math.exp(val_loss):.1f}")
+                if ddp.world > 1:
+                    dist.barrier()
+            if last:
+                break  # the end-of-run save below
+            stopping = agree_to_stop(request.signal_name is not None, ddp, device)
+            if stopping or done % save_every == 0:
+                save(done, time.perf_counter() - t0, final=False)
+            if stopping:
+                stopped_at = done
+                break
+        bar.close()
+        if stopped_at is not None:
+            if ddp.main:
+                by = request.signal_name or "a signal to another rank"
+                print(f"stopped by {by} after step {stopped_at} of {args.steps}: saved {state_out} (run the same "
+                      "command with --resume auto to continue)", file=sys.stderr)
+        else:
+            if ddp.main and args.kernels:
+                import kernels
+
+                kernels.unpatch(model)
+            info = save(stop, time.perf_counter() - t0, final=True)
+            if info is not None and not args.quiet:
+                ppl = f"{info['val_ppl']:.2f}" if info["val_ppl"] else "n/a"
+                print(f"saved {args.out}: step {stop}, val ppl {ppl} (unigram {unigram:.1f}), "
+                      f"{info['train_tokens_per_s'] or 0:,.0f} train tokens/s")
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()
