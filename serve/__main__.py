@@ -20,6 +20,7 @@ from common.cli import UserError
 
 from .backends import BACKENDS, load_backend
 from .backends.torch_backend import QUANT_MODES
+from .routes.body_limit import DEFAULT_MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 and /v2 (not on "
                                                    "health probes and /metrics)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain in-flight requests")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="larger request bodies get 413 before they are read whole (default: 1 MiB)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a request not finished in this time gets 408 (an SSE error event when streaming) and its "
+                        "batch row is freed (default: no limit)")
     p.add_argument("--kernels", action="store_true", help="torch backend: run attention on hotpath's kernels")
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="torch backend: int8 quantization")
     cli.add_threads_arg(p, help="CPU threads for the model (torch / ONNX Runtime); default: cores - 1, leaving one "
@@ -51,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
-                             ("--port", args.port, 0)):
+                             ("--port", args.port, 0), ("--max-request-bytes", args.max_request_bytes, 1)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     if args.shutdown_timeout < 0:
         raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.request_timeout is not None and not 0 < args.request_timeout < float("inf"):
+        raise UserError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     import torch
 
@@ -79,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ready = (f"hotpath serve: {name} on {backend.description}, listening on http://{args.host}:{port} "
              f"(max batch {args.max_batch_size}, queue {args.max_queue})")
     app = create_app(backend, model_name=name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                     max_model_len=args.max_model_len, api_key=args.api_key, ready_message=ready)
+                     max_model_len=args.max_model_len, api_key=args.api_key, ready_message=ready,
+                     max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout)
     serve_forever(app, sock, args.shutdown_timeout, args.log_level)
     backend.close()
     print("hotpath serve: stopped", flush=True)

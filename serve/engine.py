@@ -49,6 +49,11 @@ class EngineError(Exception):
     """The model step failed for this request."""
 
 
+# Below this temperature sampling is greedy: logits / 1e-300 overflow to inf, softmax gives NaN, and
+# torch.multinomial would fail the whole batch's step (every row's request) for one request's parameter.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -59,7 +64,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return not self.temperature >= MIN_TEMPERATURE  # NaN too
 
 
 class RequestHandle:

@@ -12,7 +12,8 @@ several apps in one process never collide).
 | `hotpath_batch_size` | histogram | rows per decode step |
 | `hotpath_prompt_tokens_total`, `hotpath_generation_tokens_total` | counter | tokens in / out |
 
-Outcomes: success, stop, cancelled (client left), error, rejected (503), invalid (4xx), unauthorized.
+Outcomes: success, stop, cancelled (client left), error, rejected (503), invalid (4xx, 413 included), unauthorized,
+timeout (--request-timeout).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ class APIKeyMiddleware:
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
         auth = headers.get("authorization", "")
         if auth != f"Bearer {self.api_key}":
-            self.metrics.outcome(_endpoint(scope["path"]), "unauthorized")
+            self.metrics.outcome(endpoint_label(scope["path"]), "unauthorized")
             what = "no Authorization header" if not auth else "a wrong API key"
             resp = error_response(scope["path"], 401, f"the request has {what} (send Authorization: Bearer <key>)",
                                   "authentication_error", code="invalid_api_key",
@@ -30,7 +30,7 @@ class APIKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
-def _endpoint(path: str) -> str:
+def endpoint_label(path: str) -> str:
     """The `endpoint` label of hotpath_requests_total for a path."""
     if path.startswith("/v1/completions"):
         return "completions"

@@ -2,6 +2,7 @@
 Open Inference Protocol's `{"error": "<message>"}`; routes raise `APIError` and the handlers here render it."""
 from __future__ import annotations
 
+import json
 from typing import Any, Optional, Sequence
 
 from fastapi import FastAPI, Request
@@ -10,6 +11,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 RETRY_AFTER_S = 1  # the Retry-After of every 503
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a lone surrogate from the request (legal in JSON's `\\ud800`) that reaches an
+    error message or an echoed id cannot be encoded as UTF-8, and Starlette's JSONResponse would fail with a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
 
 
 class APIError(Exception):
@@ -27,7 +36,7 @@ def error_response(path: str, status: int, message: str, type_: str = "invalid_r
         body: dict[str, Any] = {"error": message}
     else:
         body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return SafeJSONResponse(body, status_code=status, headers=headers)
 
 
 def describe(errors: Sequence[Any]) -> str:

@@ -1,19 +1,23 @@
 """OpenAI-compatible API: /v1/models, /v1/models/{name}, /v1/completions (text or token-id prompts, one or many,
-plain or streamed). Prompt + max_tokens over the context -> 400 stating the numbers; queue full -> 503 with
-`Retry-After`; shutting down -> 503."""
+plain or streamed). Prompt + max_tokens over the context -> 400 stating the numbers (a text prompt is first measured
+in characters, then tokenized off the event loop); more prompts than the engine holds -> 400; queue full -> 503 with
+`Retry-After`; shutting down -> 503; not finished within --request-timeout -> 408 (an SSE error event when streaming).
+"""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from fastapi import APIRouter, Request
 
 from ..engine import EngineStopped, QueueFull, RequestHandle, SamplingParams
 from .errors import RETRY_AFTER_S, APIError
-from .schemas import parse_completion, tokenize_prompts
+from .schemas import check_prompt_chars, parse_completion, tokenize_prompts
+from .spec import COMPLETIONS_BODY, COMPLETIONS_RESPONSES, OPENAI_ERRORS
 from .state import Server, ServerState
 from .streaming import Completion, TextStream
 
-router = APIRouter()
+router = APIRouter(responses=OPENAI_ERRORS)
 
 
 def _not_served(name: str, model_name: str) -> APIError:
@@ -35,15 +39,23 @@ async def get_model(name: str, s: Server):
     return {"id": s.model_name, "object": "model", "created": s.created, "owned_by": "hotpath"}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=COMPLETIONS_BODY, responses=COMPLETIONS_RESPONSES)
 async def completions(request: Request, s: Server):
+    deadline = None if s.request_timeout is None else time.monotonic() + s.request_timeout
     max_len = s.engine.max_model_len
     try:
         req = parse_completion(await request.body())
         if req.model and req.model != s.model_name:
             raise _not_served(req.model, s.model_name)
-        prompts = tokenize_prompts(req.prompt, s.backend.tokenizer)
         max_tokens = req.max_tokens or 16
+        capacity = s.engine.max_batch_size + s.engine.max_queue
+        if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+                and len(req.prompt) > capacity:  # it could never be admitted whole: not worth a retry
+            raise APIError(400, f"the request has {len(req.prompt)} prompts; this server holds at most {capacity} "
+                                f"(--max-batch-size + --max-queue): send fewer per request", param="prompt")
+        check_prompt_chars(req.prompt, max_tokens, max_len, s.max_chars_per_token)
+        # off the event loop: a long prompt must not stall the other streams while it is tokenized
+        prompts = await asyncio.to_thread(tokenize_prompts, req.prompt, s.backend.tokenizer)
         for ids in prompts:
             if not ids:
                 raise APIError(400, "the prompt is empty", param="prompt")
@@ -61,7 +73,8 @@ async def completions(request: Request, s: Server):
                             seed=req.seed)
     handles = _submit_all(s, prompts, params)
     texts = [TextStream(s.backend.tokenizer, req.stops, s.backend.eos_id) for _ in handles]
-    run = Completion(handles, texts, s.model_name, sum(len(p) for p in prompts), s.metrics)
+    run = Completion(handles, texts, s.model_name, sum(len(p) for p in prompts), s.metrics, deadline,
+                     s.request_timeout)
     if req.stream:
         return run.stream(bool(req.stream_options and req.stream_options.include_usage))
     return await run.collect(request)

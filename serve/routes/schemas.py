@@ -1,9 +1,13 @@
 """The OpenAI completion request: its schema, the checks pydantic cannot express, and prompt tokenization.
 
-Malformed JSON -> 400, wrong types -> 422, unsupported or out-of-range values -> 400 (`APIError`)."""
+Malformed JSON -> 400, wrong types -> 422, unsupported or out-of-range values -> 400 (`APIError`). Text prompts are
+measured in characters before they are tokenized: a token of the vocabulary covers at most `max_chars_per_token`
+characters, so a prompt of N characters has at least ceil(N / max_chars_per_token) tokens, and one that cannot fit
+the context is refused without tokenizing it."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -49,8 +53,8 @@ def parse_completion(body: bytes) -> CompletionRequest:
     """The request body -> a checked CompletionRequest, or APIError (400 for bad JSON or values, 422 for types)."""
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # also UnicodeDecodeError, ints over 4300 digits, deep nesting
+        raise APIError(400, f"the body is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
     try:
         req = CompletionRequest.model_validate(payload)
     except ValidationError as e:
@@ -83,6 +87,40 @@ def check_params(req: CompletionRequest) -> None:
         bad(f"top_k must be -1 (off) or positive, got {req.top_k}", "top_k")
     if len(req.stops) > 4 or any(not s for s in req.stops):
         bad("stop takes up to 4 non-empty strings", "stop")
+    if req.seed is not None and not -(1 << 63) <= req.seed < (1 << 64):  # torch.Generator takes 64 bits
+        bad("seed must be a 64-bit integer", "seed")
+    texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
+    for param, strings in (("prompt", texts), ("stop", req.stops)):
+        if not all(_is_unicode(s) for s in strings):
+            bad(f"{param} holds a lone surrogate (\\ud800-\\udfff without its pair), which is not Unicode text",
+                param)
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def max_chars_per_token(tokenizer: Tokenizer) -> int:
+    """The most characters one token can stand for. Byte-level BPE: a token's string has one character per byte,
+    and a decoded character takes at least one byte; added (special) tokens are matched in the text as they are."""
+    return max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1) or 1
+
+
+def check_prompt_chars(prompt: Prompt, max_tokens: int, max_len: int, chars_per_token: int) -> None:
+    """Refuse a text prompt that cannot fit the context whatever its tokens are, before tokenizing it whole."""
+    texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+    for text in texts:
+        at_least = math.ceil(len(text) / chars_per_token)
+        if at_least + max_tokens > max_len:
+            raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, the prompt has "
+                                f"{len(text)} characters, at least {at_least} tokens (a token covers at most "
+                                f"{chars_per_token} characters), and {max_tokens} are asked for the completion. "
+                                f"Please reduce the prompt or max_tokens.",
+                           param="prompt", code="context_length_exceeded")
 
 
 def tokenize_prompts(prompt: Prompt, tokenizer: Tokenizer) -> list[list[int]]:

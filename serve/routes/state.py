@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Optional
 
 from fastapi import Depends, Request
 
@@ -18,6 +18,8 @@ class ServerState:
     metrics: Metrics
     model_name: str  # the name clients use
     created: int  # Unix time the app was made (/v1/models' `created`)
+    max_chars_per_token: int = 1  # the longest token in characters (schemas.check_prompt_chars)
+    request_timeout: Optional[float] = None  # --request-timeout: seconds a request may take, None for no limit
 
 
 async def server_state(request: Request) -> ServerState:  # async: FastAPI runs a plain def in a worker thread

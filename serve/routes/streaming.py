@@ -1,6 +1,6 @@
 """One /v1/completions call in flight: its engine requests' token ids -> text (with stop strings) -> one JSON body,
-or Server-Sent Events as the tokens come. Whichever way it ends (done, error, the client leaving), every engine
-request is cancelled and the outcome counted once."""
+or Server-Sent Events as the tokens come. Whichever way it ends (done, error, the client leaving, --request-timeout),
+every engine request is cancelled (its batch row freed at the engine's next step) and the outcome counted once."""
 from __future__ import annotations
 
 import asyncio
@@ -64,8 +64,9 @@ class Completion:
     """The engine requests of one completion call (one per prompt), each drained by a task into one event queue."""
 
     def __init__(self, handles: list[RequestHandle], texts: list[TextStream], model_name: str, n_prompt: int,
-                 metrics: Metrics):
+                 metrics: Metrics, deadline: Optional[float] = None, timeout: Optional[float] = None):
         self.handles, self.model_name, self.n_prompt, self.metrics = handles, model_name, n_prompt, metrics
+        self.deadline, self.timeout = deadline, timeout  # time.monotonic() deadline, and the --request-timeout
         self.rid = f"cmpl-{uuid.uuid4().hex}"
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.tasks = [asyncio.create_task(_drive(i, h, t, self.events)) for i, (h, t) in enumerate(zip(handles, texts))]
@@ -82,6 +83,16 @@ class Completion:
         if usage is not None:
             out["usage"] = usage
         return out
+
+    async def next_event(self) -> Event:
+        """The next event; asyncio.TimeoutError once the deadline has passed."""
+        if self.deadline is None:
+            return await self.events.get()
+        return await asyncio.wait_for(self.events.get(), max(0.0, self.deadline - time.monotonic()))
+
+    def timeout_message(self) -> str:
+        return (f"the request did not finish within the server's --request-timeout of {self.timeout:g} s "
+                f"(ask for fewer tokens, or retry when the server is less busy)")
 
     def usage(self, n_out: int) -> dict[str, int]:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": n_out, "total_tokens": self.n_prompt + n_out}
@@ -104,7 +115,11 @@ class Completion:
         try:
             finished = 0
             while finished < n and not gone:
-                kind, i, value, count = await self.events.get()
+                try:
+                    kind, i, value, count = await self.next_event()
+                except asyncio.TimeoutError:
+                    self.metrics.outcome("completions", "timeout")
+                    raise APIError(408, self.timeout_message(), "timeout", code="request_timeout") from None
                 if kind == "gone":
                     break
                 if kind == "error":
@@ -129,7 +144,8 @@ class Completion:
     # ------------------------------------------------------------------------------------------ Server-Sent Events
     def stream(self, include_usage: bool) -> StreamingResponse:
         """`data: {chunk}` per text delta and per finish (what is ready is coalesced into one write), then the usage
-        chunk if asked for, then `data: [DONE]`; an engine failure becomes one `data: {"error": ...}` event."""
+        chunk if asked for, then `data: [DONE]`; an engine failure or the --request-timeout becomes one
+        `data: {"error": ...}` event (then `data: [DONE]`)."""
         # the chunks' fixed head, written once: each event then costs one json.dumps of its text
         head = (f'data: {{"id": "{self.rid}", "object": "text_completion", "created": {int(time.time())}, '
                 f'"model": {json.dumps(self.model_name)}, "choices": [')
@@ -146,7 +162,14 @@ class Completion:
         finished, n_out, outcome = 0, 0, "cancelled"
         try:
             while finished < n:
-                batch = [await self.events.get()]
+                try:
+                    batch = [await self.next_event()]
+                except asyncio.TimeoutError:
+                    outcome = "timeout"
+                    err = {"error": {"message": self.timeout_message(), "type": "timeout", "param": None,
+                                     "code": "request_timeout"}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    break
                 while not self.events.empty():  # coalesce what is ready into one write
                     batch.append(self.events.get_nowait())
                 out = []
