@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from common.errors import UserError
@@ -103,17 +102,10 @@ def read_metadata_props(path_or_proto: PathOrProto) -> dict[str, str]:
 
     if isinstance(path_or_proto, onnx.ModelProto):
         model = path_or_proto
-    else:
-        path = Path(os.fspath(path_or_proto))
-        if not path.exists():
-            raise UserError(f"ONNX model {path} does not exist (check the path)")
-        if not path.is_file():
-            raise UserError(f"ONNX model {path} is not a file (pass the .onnx file)")
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # protobuf DecodeError and friends for a cut or foreign file
-            raise UserError(f"{path} is not a hotpath export (not a readable ONNX model: {type(e).__name__}; "
-                            "export a checkpoint with python -m export.to_onnx)") from e
+    else:  # a file: refused when cut, foreign, or its external data points outside its folder
+        from .onnx_check import check_onnx_file
+
+        model = check_onnx_file(path_or_proto)
     return {p.key: p.value for p in model.metadata_props}
 
 

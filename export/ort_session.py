@@ -46,9 +46,13 @@ def session_options(threads: Optional[int] = None, *, inter_op_threads: Optional
 
 def open_session(path: str | os.PathLike, *, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None, inter_op_threads: Optional[int] = None) -> Any:
-    """An `onnxruntime.InferenceSession` over `path`; a file ONNX Runtime cannot load is a one-line UserError."""
+    """An `onnxruntime.InferenceSession` over `path`; a file ONNX Runtime cannot load, or whose external data lies
+    outside its folder (:mod:`export.onnx_check`), is a one-line UserError."""
     import onnxruntime as ort
 
+    from .onnx_check import check_onnx_file
+
+    check_onnx_file(path)  # before ONNX Runtime reads any weight: a cut file, or external data outside its folder
     chosen = choose_providers(providers)
     options = session_options(threads, inter_op_threads=inter_op_threads)
     try:

@@ -45,7 +45,43 @@ def read_engine_metadata(plan: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({e}); rebuild the engine with python -m export.to_trt") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path} is not a hotpath TensorRT engine description; rebuild with python -m export.to_trt")
+    # the fields read before and after TensorRT, with their types: a hand-edited or hostile JSON is one line here
+    for key, kind in (("gpu", dict), ("profiles", list), ("config", dict), ("onnx", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise UserError(f"{path}: {key!r} is a {type(meta[key]).__name__}, not a {kind.__name__}; rebuild the "
+                            "engine with python -m export.to_trt")
+    if not all(isinstance(p, dict) and isinstance(p.get("shapes"), dict) for p in meta.get("profiles", [])):
+        raise UserError(f"{path}: its profiles are not {{name, shapes}} objects; rebuild the engine with "
+                        "python -m export.to_trt")
     return meta
+
+
+# file signatures of formats a renamed file is most likely to be; a TensorRT plan is binary and starts with none
+_FOREIGN_SIGNATURES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+                       b"%PDF": "a PDF", b"PK\x03\x04": "a zip archive (a PyTorch .pt checkpoint?)",
+                       b"\x1f\x8b": "gzip data", b"\x7fELF": "an ELF binary"}
+
+
+def check_plan_bytes(plan: str | os.PathLike) -> None:
+    """Refuse (UserError, one line) a `.plan` that is plainly another kind of file (empty, text, an image, an
+    archive) before handing it to TensorRT, whose deserializer reports only a magic-tag mismatch in its log.
+
+    TensorRT does not document its plan header, so this rejects what is recognisably not a plan rather than
+    recognising a plan."""
+    path = Path(plan)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    what = next((name for sig, name in _FOREIGN_SIGNATURES.items() if head.startswith(sig)), None)
+    if not head:
+        what = "empty"
+    elif what is None and b"\0" not in head:
+        try:
+            head.decode("utf-8")
+            what = "text"
+        except UnicodeDecodeError:
+            pass
+    if what is not None:
+        raise UserError(f"{path} is not a TensorRT engine (it is {what}); rebuild it with python -m export.to_trt")
 
 
 def check_compatible(meta: Mapping[str, Any], *, trt_version: str, gpu: Mapping[str, Any],
@@ -129,6 +165,7 @@ class TrtEngine:
         if not self.path.is_file():
             raise UserError(f"TensorRT engine {self.path} does not exist (build it with python -m export.to_trt)")
         self.metadata = read_engine_metadata(self.path)
+        check_plan_bytes(self.path)  # a renamed image or text file is refused here, not by TensorRT
         trt = import_tensorrt()
         gpu = current_gpu(device)
         check_compatible(self.metadata, trt_version=trt.__version__, gpu=gpu, plan=str(self.path))

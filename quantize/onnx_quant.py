@@ -40,6 +40,7 @@ import torch
 
 from common.errors import UserError
 from common.files import atomic_path, existing_file
+from export.onnx_check import check_onnx_file
 from export.onnx_meta import gpt_config, parse_hotpath_metadata, read_metadata_props, set_metadata_props, tokenizer_of
 
 from . import report as R
@@ -73,6 +74,7 @@ def default_output(src: Path, mode: str) -> Path:
 
 
 def _load_onnx(path: Path) -> onnx.ModelProto:
+    check_onnx_file(path)  # export's gate: a cut file, or external data outside its folder, before onnx reads it
     try:
         return onnx.load(str(path))
     except Exception as e:  # protobuf raises DecodeError and friends for a cut or foreign file
