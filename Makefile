@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # the stamp changes whenever pyproject.toml does, so dependency edits reinstall
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup lint test test-fast bench bench-quick bench-serve profile clean
+.PHONY: setup lint test test-fast bench bench-quick bench-serve soak profile clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,16 @@ bench-quick: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) -m bench --suite serve
+
+# a bounded mixed load (streams, disconnects, malformed requests) against the tiny model; exit 1 on RSS growth or a 5xx
+SOAK_CKPT := runs/soak/tiny.pt
+SOAK_ARGS ?= --duration 300
+$(SOAK_CKPT): | $(STAMP)
+	$(PY) -m model.train --preset tiny --steps 80 --batch-size 16 --corpus-bytes 400000 --vocab-size 512 \
+		--eval-every 80 --out $@ --quiet
+
+soak: $(STAMP) $(SOAK_CKPT)
+	$(PY) -m serve.soak $(SOAK_CKPT) $(SOAK_ARGS)
 
 profile: $(STAMP)
 	$(PY) -m bench.profile

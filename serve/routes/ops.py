@@ -3,7 +3,7 @@ metrics. These stay open when the server has an API key (`auth.OPEN_PATHS`)."""
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..metrics import CONTENT_TYPE
 from .state import Server
@@ -23,6 +23,6 @@ async def ready(s: Server):
     return {"ready": True}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)  # the schema says text/plain
 async def prometheus(s: Server):
     return Response(s.metrics.render(), media_type=CONTENT_TYPE)
