@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -66,12 +67,9 @@ def test_body_over_the_limit_with_content_length_gets_413(server, path):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v2/models/tiny/infer"])
 def test_chunked_body_over_the_limit_gets_413(server, path):
-    sent = [0]
-
     def chunks():
         yield b'{"prompt": "'
         for _ in range(64):  # 4 MiB in 64 KiB pieces, no Content-Length (Transfer-Encoding: chunked)
-            sent[0] += 1
             yield b"y" * (64 * 1024)
         yield b'"}'
 
@@ -88,6 +86,44 @@ def test_prompt_too_long_in_characters_is_refused_before_tokenizing(server):
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded" and "500000 characters" in err["message"]
     normal_request_works(server.url)
+
+
+class ThreadRecordingTokenizer:
+    """The real tokenizer, noting which thread each encode runs on."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.encode_threads = tokenizer, []
+
+    def encode(self, text):
+        self.encode_threads.append(threading.get_ident())
+        return self.tokenizer.encode(text)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.timeout(120)
+def test_prompts_are_tokenized_off_the_event_loop(tiny_ckpt):
+    from serve.app import create_app
+    from serve.backends import load_backend
+
+    backend = load_backend(tiny_ckpt, threads=1)
+    spy = backend.tokenizer = ThreadRecordingTokenizer(backend.tokenizer)
+    app = create_app(backend, model_name="tiny")
+
+    async def main() -> int:
+        app.state.server.engine.start()
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://hotpath") as client:
+                r = await client.post("/v1/completions", json={"prompt": ["def ", "x = "], "max_tokens": 2})
+                assert r.status_code == 200, r.text
+            return threading.get_ident()
+        finally:
+            app.state.server.engine.stop()
+
+    loop_thread = asyncio.run(main())
+    assert len(spy.encode_threads) == 2 and loop_thread not in spy.encode_threads
 
 
 # ------------------------------------------------------------------------------------------------ timeout
