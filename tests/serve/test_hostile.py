@@ -305,3 +305,14 @@ def test_disconnect_storm_leaves_nothing_behind(server):
     wait_idle(url)
     after = min(normal_request_works(url) for _ in range(3))
     assert after < max(5 * before, 1.0), (before, after)
+
+
+@pytest.mark.parametrize("flags, needle", [(["--request-timeout", "0"], "--request-timeout"),
+                                           (["--request-timeout", "nan"], "--request-timeout"),
+                                           (["--max-request-bytes", "0"], "--max-request-bytes")])
+def test_limit_flags_are_checked(flags, needle):
+    from common.errors import UserError
+    from serve.__main__ import main
+
+    with pytest.raises(UserError, match=needle):  # checked before the model is opened
+        main(["no-such-model.pt", *flags])
