@@ -31,6 +31,7 @@ from typing import Optional
 
 from common import cli
 from common.cli import UserError
+from export.onnx_check import check_onnx_file
 
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan")}
 BACKEND_OF = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
@@ -82,13 +83,9 @@ class Signature:
 
 
 def onnx_signature(path: Path) -> Signature:
-    """Inputs and outputs of an ONNX graph (the weights, internal or external, are not loaded)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError and friends
-        raise UserError(f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it") from e
+    """Inputs and outputs of an ONNX graph (the weights, internal or external, are not loaded; external data must
+    stay inside the model's folder, since the repository hands the file to Triton)."""
+    proto = check_onnx_file(path)
     init = {i.name for i in proto.graph.initializer}
 
     def tensors(values):
