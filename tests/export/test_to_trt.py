@@ -115,6 +115,10 @@ def test_prepare_onnx_precision_rules(onnx_export, monkeypatch, tmp_path):
         to_trt.prepare_onnx(uint8, "int8", say=lambda m: None)
 
 
+# stands in for a serialized engine: binary, like a real plan (a text file is refused as not an engine)
+FAKE_ENGINE = b"\x00\x01hotpath-test-engine\xff"
+
+
 def _meta(**over):
     meta = trt_build.engine_metadata(
         trt_version="10.9.0.34", gpu={"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
@@ -128,7 +132,7 @@ def _meta(**over):
 
 def test_engine_metadata_roundtrip_and_compatibility(tmp_path):
     plan = tmp_path / "m.plan"
-    trt_build.write_plan(plan, b"fake engine bytes", _meta())
+    trt_build.write_plan(plan, FAKE_ENGINE, _meta())
     meta = read_engine_metadata(plan)
     assert meta["format"] == "hotpath-trt" and meta["precision"] == "fp16" and meta["tensorrt_version"] == "10.9.0.34"
     assert [p["name"] for p in meta["profiles"]] == ["prefill", "decode"]
@@ -159,7 +163,7 @@ def test_select_profile():
 
 def test_trt_engine_refuses_other_version_or_gpu(tmp_path, monkeypatch):
     plan = tmp_path / "m.plan"
-    trt_build.write_plan(plan, b"fake", _meta())
+    trt_build.write_plan(plan, FAKE_ENGINE, _meta())
     fake = types.SimpleNamespace(__version__="10.13.0.35", Builder=object)
     monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: fake)
     monkeypatch.setattr(trt_runtime, "current_gpu", lambda device=0: {"name": "NVIDIA H100 80GB HBM3",
@@ -200,7 +204,7 @@ def test_missing_gpu_says_so(onnx_export, tmp_path, monkeypatch, capsys):
 
 def _write_fake_plan(tmp_path):
     plan = tmp_path / "fake.plan"
-    trt_build.write_plan(plan, b"fake", _meta())
+    trt_build.write_plan(plan, FAKE_ENGINE, _meta())
     return plan
 
 
