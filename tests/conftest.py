@@ -38,6 +38,14 @@ def pytest_unconfigure(config):
     shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _no_flush_denormal_leak():
+    """A CLI `main` run in-process under common.cli.run turns on flush-to-zero for the whole process; undo it after
+    each test so it cannot leak into the next (hypothesis refuses to generate floats under FTZ)."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A `tiny` checkpoint trained for a few seconds on the built-in corpus; shared by the whole session."""
