@@ -27,11 +27,8 @@ DEFAULT_EVAL_BYTES = 2_000_000  # corpus read for evaluation (the held-out files
 
 def export_fp32(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     """The fp32 ONNX decoder of a checkpoint, written by export/ (the artifact's owner)."""
-    try:
-        from export.to_onnx import export_onnx
-    except ImportError as e:  # its exporter needs torch.onnx and onnxscript, which an install may lack
-        raise UserError(f"exporting a checkpoint needs export.to_onnx, which this install lacks ({e}); "
-                        "pass an exported .onnx instead") from e
+    from export.to_onnx import export_onnx
+
     export_onnx(str(ckpt), str(out), validate=False)
     return Path(out)
 

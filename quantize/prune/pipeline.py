@@ -60,10 +60,8 @@ def _prune(base: GPT, method: str, sparsity: float, scope: str, train_ids: torch
 def _ort_latency(model_a: GPT, model_b: GPT, tokenizer: Any, shape: tuple[int, int], threads: int,
                  repeats: int) -> Optional[dict[str, Any]]:
     """Prefill latency of two models exported to ONNX (by export/) and run in ONNX Runtime, interleaved."""
-    try:
-        from export.to_onnx import export_onnx
-    except ImportError:  # its exporter needs torch.onnx and onnxscript: without them, torch timing only
-        return None
+    from export.to_onnx import export_onnx
+
     with tempfile.TemporaryDirectory(prefix="hotpath-prune.") as tmp:
         prefills = []
         for tag, m in (("before", model_a), ("after", model_b)):
