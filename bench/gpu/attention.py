@@ -7,7 +7,8 @@ All bf16 unless stated:
     and backward of hotpath (Triton), SDPA with each backend (flash, efficient, cuDNN, math), eager attention and
     torch.compile of eager attention (math, eager and compile are skipped above T = 4096: the T x S scores would
     take tens of GB and minutes);
-  - decode: T = 1, S = 8192, B = 32, D = 128 (MHA 16 heads; GQA 32 query / 8 kv heads), GB/s of KV read.
+  - timings in two passes, so that a spent budget cuts the least interesting ones: hotpath and SDPA flash on every
+    case first, then the other variants. Decode shapes (T <= 16, long KV cache) are the `decode` section's.
 
 FLOPs = 4*B*H*T*S*D forward (QK^T and PV), halved for causal; backward 2.5x forward.
 """
@@ -20,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .checks import check_against_reference, check_error, print_verdict
-from .context import BUDGET_SPENT, Context, failure_reason, gbps, is_oom, ratio_rows, tflops
+from .context import Context, failure_reason, gbps, is_oom, ratio_rows, tflops
 
 
 def attention_flops(B: int, H: int, T: int, S: int, D: int, causal: bool, direction: str = "fwd") -> float:
@@ -71,11 +72,9 @@ MATERIALISING_MAX_T = 4096  # math backend, eager and torch.compile only up to h
 
 
 def attention_cases(quick: bool = False) -> list[AttnCase]:
-    """Decode cases first, then training shapes (T = S, B*T = 16k tokens, H*D = 2048), D = 128 before D = 64, so
-    that a spent time budget cuts the least interesting cases."""
-    cases = [AttnCase(32, 16, 16, 1, 8192, 128, False, kind="decode")]
-    if not quick:
-        cases.append(AttnCase(32, 32, 8, 1, 8192, 128, False, kind="decode"))
+    """Training shapes (T = S, B*T = 16k tokens, H*D = 2048), D = 128 before D = 64, so that a spent time budget
+    cuts the least interesting cases."""
+    cases = []
     for D in ((128,) if quick else (128, 64)):
         for causal in (True, False):
             for T in (QUICK_SEQ_LENS if quick else TRAIN_SEQ_LENS):
@@ -86,6 +85,7 @@ def attention_cases(quick: bool = False) -> list[AttnCase]:
 
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 ATTN_VARIANTS = ("hotpath_triton",) + tuple(f"sdpa_{b}" for b in SDPA_BACKENDS) + ("eager", "torch_compile")
+FIRST_PASS = ("hotpath_triton", "sdpa_flash")  # timed on every case before any other variant
 
 
 def variants_for(case: AttnCase) -> list[str]:
@@ -193,30 +193,38 @@ def _skip(ctx: Context, case: AttnCase, variant: str, direction: str, reason: st
 
 def _time_one(ctx: Context, fn: Callable[..., torch.Tensor], direction: str, q: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> list[float]:
-    """[p20, p50, p80] ms of the forward, or of the backward alone (the graph is kept and replayed)."""
+    """[p20, p50, p80] ms of the forward, or of the backward alone (the graph is kept and replayed). The first call
+    (compile, autotune) is a warm-up outside the timing."""
     if direction == "fwd":
         with torch.no_grad():
-            fn(q, k, v)  # first call: compile / autotune outside the timing
+            ctx.warm(fn, q, k, v)
             return ctx.measure(lambda: fn(q, k, v))
     qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
     o = fn(qg, kg, vg)
     do = torch.randn_like(o)
-    o.backward(do, retain_graph=True)
+    ctx.warm(lambda: o.backward(do, retain_graph=True))
     return ctx.measure(lambda: o.backward(do, retain_graph=True), grad_to_none=[qg, kg, vg])
 
 
 def run_attention_case(ctx: Context, case: AttnCase, dtype: torch.dtype = torch.bfloat16,
-                       variants: Optional[Sequence[str]] = None) -> None:
-    """Time every variant on one case, forward (and backward for training shapes); failures become rows."""
+                       variants: Optional[Sequence[str]] = None, ratios: bool = True) -> None:
+    """Time every variant on one case, forward (and backward for training shapes); failures and timings past the
+    section's budget become `skipped` rows. `ratios`: add the speedup rows for this case now."""
+    variants = list(variants if variants is not None else variants_for(case))
+    if ctx.time_left() <= 0:  # past the budget: skipped rows, nothing allocated
+        for variant in variants:
+            for direction in directions_for(case):
+                _skip(ctx, case, variant, direction, ctx.budget_reason())
+        return
     dev = ctx.torch_device
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(case.B, case.H, case.T, case.D, generator=g, device=dev, dtype=dtype)
     k, v = (torch.randn(case.B, case.H_kv, case.S, case.D, generator=g, device=dev, dtype=dtype) for _ in range(2))
     scale = case.D ** -0.5
-    for variant in (variants if variants is not None else variants_for(case)):
+    for variant in variants:
         for direction in directions_for(case):
             if ctx.time_left() <= 0:
-                _skip(ctx, case, variant, direction, BUDGET_SPENT)
+                _skip(ctx, case, variant, direction, ctx.budget_reason())
                 continue
             try:
                 fn = _variant_fn(variant, case.causal, scale, case.H != case.H_kv)
@@ -226,7 +234,8 @@ def run_attention_case(ctx: Context, case: AttnCase, dtype: torch.dtype = torch.
                 _skip(ctx, case, variant, direction, failure_reason(e))
                 if is_oom(e) and dev == "cuda":
                     torch.cuda.empty_cache()
-    ratio_rows(ctx, case.name)
+    if ratios:
+        ratio_rows(ctx, case.name)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -279,9 +288,19 @@ def check_attention(ctx: Context, plan: Optional[CheckPlan] = None) -> None:
             print_verdict(ctx, case, [case])
 
 
-def section(ctx: Context) -> None:
+def checks(ctx: Context) -> None:
     check_attention(ctx, QUICK_CHECK_PLAN if ctx.quick else CHECK_PLAN)
+
+
+def timings(ctx: Context) -> None:
+    """Two passes over the cases: FIRST_PASS variants everywhere, then the rest; speedup rows at the end."""
     cases = attention_cases(ctx.quick)
-    for i, case in enumerate(cases):
-        print(f"[attention {i + 1}/{len(cases)}] {case.name}  ({ctx.time_left():.0f} s of budget left)", flush=True)
-        run_attention_case(ctx, case)
+    for pass_no, first in enumerate((True, False)):
+        for i, case in enumerate(cases):
+            variants = [v for v in variants_for(case) if (v in FIRST_PASS) == first]
+            if ctx.time_left() > 0:
+                print(f"[attention pass {pass_no + 1}/2, {i + 1}/{len(cases)}] {case.name}: "
+                      f"{', '.join(variants)}  ({ctx.time_left():.0f} s of budget left)", flush=True)
+            run_attention_case(ctx, case, variants=variants, ratios=False)
+    for case in cases:
+        ratio_rows(ctx, case.name)

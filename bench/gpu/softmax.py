@@ -3,13 +3,13 @@ torch.softmax and torch.compile, in GB/s (bytes read + written) and % of copy ba
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .bandwidth import bandwidth_rows, copy_gbps
+from .bandwidth import bandwidth_rows, copy_row
 from .checks import check_against_reference, check_error, print_verdict
-from .context import BUDGET_SPENT, Context, failure_reason, ratio_rows
+from .context import Context, failure_reason, ratio_rows
 
 SOFTMAX_ROW_LENS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_SOFTMAX_ROW_LENS = (1024, 8192, 32768)
@@ -110,29 +110,32 @@ def _softmax_backward(variant: str, y: torch.Tensor, dy: torch.Tensor) -> Option
 
 def run_softmax_case(ctx: Context, rows: int, N: int, dtype: torch.dtype = torch.bfloat16,
                      copy: Optional[float] = None, variants: Sequence[str] = SOFTMAX_VARIANTS) -> None:
-    """Forward and backward of each variant on a (rows, N) tensor: ms, GB/s and % of copy bandwidth."""
+    """Forward and backward of each variant on a (rows, N) tensor: ms, GB/s and % of `copy` bandwidth (when
+    given). Each function's first call (compile) is a warm-up outside the timing."""
     dev = ctx.torch_device
     case = f"softmax {str(dtype)[6:]} rows{rows} N{N}"
+    shape: dict[str, Any] = dict(rows=rows, N=N, dtype=str(dtype))
+    if ctx.time_left() <= 0:  # past the budget: a skipped row per variant, nothing allocated
+        for variant in variants:
+            ctx.out_of_time(case, variant, "fwd_ms", **shape)
+        return
     x = torch.randn(rows, N, device=dev, dtype=dtype)
     dy = torch.randn_like(x)
-    copy = copy if copy is not None else copy_gbps(ctx, softmax_bytes(x.numel(), dtype.itemsize))
-    shape = dict(rows=rows, N=N, dtype=str(dtype))
     for variant in variants:
-        if ctx.time_left() <= 0:
-            ctx.add(case, variant, "fwd_ms", None, "ms", skipped=BUDGET_SPENT, **shape)
+        if ctx.out_of_time(case, variant, "fwd_ms", **shape):
             continue
         direction = "fwd"  # the one a failure is recorded under
         try:
             fn = _softmax_variant(variant)
-            fn(x)  # compile / warm up outside the timing
+            y = ctx.warm(fn, x)
             ms = ctx.measure(lambda: fn(x))
             bandwidth_rows(ctx, case, variant, "fwd", ms, softmax_bytes(x.numel(), dtype.itemsize, "fwd"), copy,
                            **shape)
             direction = "bwd"
-            bwd = _softmax_backward(variant, fn(x), dy)
-            if bwd is None:
+            bwd = _softmax_backward(variant, y, dy)
+            if bwd is None or ctx.out_of_time(case, variant, "bwd_ms", **shape):
                 continue
-            bwd()
+            ctx.warm(bwd)
             ms = ctx.measure(bwd)
             bandwidth_rows(ctx, case, variant, "bwd", ms, softmax_bytes(x.numel(), dtype.itemsize, "bwd"), copy,
                            **shape)
@@ -141,12 +144,13 @@ def run_softmax_case(ctx: Context, rows: int, N: int, dtype: torch.dtype = torch
     ratio_rows(ctx, case)
 
 
-def section(ctx: Context) -> None:
+def checks(ctx: Context) -> None:
     check_softmax(ctx)
+
+
+def timings(ctx: Context) -> None:
     cases = softmax_cases(ctx.quick)
-    nbytes = softmax_bytes(SOFTMAX_ELEMENTS, 2)
-    copy = copy_gbps(ctx, nbytes)
-    ctx.add("copy bandwidth", "torch_copy", "copy_bandwidth", copy, "GB/s", nbytes=nbytes)
+    copy = copy_row(ctx, softmax_bytes(SOFTMAX_ELEMENTS, 2))
     for i, (rows, N) in enumerate(cases):
         print(f"[softmax {i + 1}/{len(cases)}] rows {rows} x N {N}  ({ctx.time_left():.0f} s of budget left)",
               flush=True)

@@ -3,6 +3,9 @@ model/train.py does it (bf16 autocast on CUDA, fp32 parameters).
 
 Target (issue 4): patch() + FusedAdamW >= 1.2x the eager reference step (the model's SDPA attention +
 torch.optim.AdamW).
+
+Check (always run): a few steps of a 2-layer gpt2-shaped model, the eager reference against patch() + FusedAdamW on
+the same batch; every step's loss must agree within CHECK_LOSS_RTOL (bf16 autocast on both sides).
 """
 from __future__ import annotations
 
@@ -11,10 +14,13 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
-from .context import BUDGET_SPENT, Context, failure_reason, ratio_rows
+from .checks import check_error, check_row, print_verdict
+from .context import Context, failure_reason, ratio_rows
 
 TRAIN_BATCH, TRAIN_SEQ = 8, 1024
 TRAIN_VARIANTS = ("eager_reference", "eager_torch_fused_adamw", "hotpath_patch_fused_adamw")
+CHECK_LAYERS, CHECK_BATCH, CHECK_SEQ, CHECK_STEPS = 2, 2, 256, 3
+CHECK_LOSS_RTOL = 2e-3  # bf16 autocast: both sides round activations to 8 bits of mantissa (~4e-3 per value)
 
 
 def _build(variant: str, cfg: Any, dev: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -51,7 +57,7 @@ def _step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer, inp: torch.Tens
 
 
 def _measure_step(ctx: Context, case: str, variant: str, step: Callable[[], torch.Tensor], B: int, T: int) -> None:
-    first_loss = step().item()  # compile / autotune outside the timing; same first loss everywhere
+    first_loss = ctx.warm(step).item()  # compile / autotune outside the timing; same first loss everywhere
     p20, p50, p80 = ctx.measure(step)
     ctx.add(case, variant, "step_ms", p50, "ms", p20_ms=p20, p80_ms=p80, B=B, T=T)
     ctx.add(case, variant, "tokens_per_s", B * T / (p50 * 1e-3), "tok/s", B=B, T=T)
@@ -72,8 +78,7 @@ def run_train_step_case(ctx: Context, preset: str = "gpt2", B: int = TRAIN_BATCH
     inp, tgt = x[:, :-1], x[:, 1:]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else contextlib.nullcontext()
     for variant in variants:
-        if ctx.time_left() <= 0:
-            ctx.add(case, variant, "step_ms", None, "ms", skipped=BUDGET_SPENT)
+        if ctx.out_of_time(case, variant, "step_ms"):
             continue
         try:
             # the model and optimizer live only inside this call: freed before the next variant is built
@@ -85,6 +90,35 @@ def run_train_step_case(ctx: Context, preset: str = "gpt2", B: int = TRAIN_BATCH
     ratio_rows(ctx, case, base="hotpath_patch_fused_adamw")
 
 
-def section(ctx: Context) -> None:
+def check_train_step(ctx: Context, preset: str = "gpt2", steps: int = CHECK_STEPS, B: int = CHECK_BATCH,
+                     T: int = CHECK_SEQ, **overrides: Any) -> None:
+    """patch() + FusedAdamW against the eager reference, `steps` steps on the same batch: each step's loss within
+    CHECK_LOSS_RTOL relative (one row per step)."""
+    from model.gpt import GPTConfig
+
+    case = f"check train step {preset} B{B} T{T}"
+    try:
+        dev = ctx.torch_device
+        cfg = GPTConfig.preset(preset, **{"n_layer": CHECK_LAYERS, **overrides})
+        g = torch.Generator(device=dev).manual_seed(1)
+        x = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g, device=dev)
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev == "cuda" else contextlib.nullcontext
+        losses = {}
+        for variant in ("eager_reference", "hotpath_patch_fused_adamw"):
+            step = _step_fn(*_build(variant, cfg, dev), x[:, :-1], x[:, 1:], autocast())
+            losses[variant] = [step().item() for _ in range(steps)]
+        for i, (want, got) in enumerate(zip(losses["eager_reference"], losses["hotpath_patch_fused_adamw"])):
+            check_row(ctx, case, "hotpath_patch_fused_adamw", f"step{i + 1}_loss", abs(got - want),
+                      CHECK_LOSS_RTOL * abs(want), loss=got, reference_loss=want)
+    except Exception as e:  # noqa: BLE001 - a check that raises is a failed check, and the suite goes on
+        check_error(ctx, case, "hotpath_patch_fused_adamw", e)
+    print_verdict(ctx, case, [case])
+
+
+def checks(ctx: Context) -> None:
+    check_train_step(ctx)
+
+
+def timings(ctx: Context) -> None:
     print(f"[train step] gpt2 B{TRAIN_BATCH} T{TRAIN_SEQ}  ({ctx.time_left():.0f} s of budget left)", flush=True)
     run_train_step_case(ctx)
