@@ -461,3 +461,23 @@ def test_autotune_pruning():
     decode = A._prune_configs(cfgs, args(torch.bfloat16, 1, 8192), BLOCK_D=128)
     assert decode and all(c.kwargs["BLOCK_M"] == 64 for c in decode)
     assert len(A._prune_configs(cfgs, args(torch.float16, 256, 256), BLOCK_D=64)) == 1
+
+
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
+def test_backward_autotune_pruning():
+    """Backward pruning uses SMEM_ESTIMATES: bf16 D=128 keeps every config, fp32 D=128 falls back to small tiles,
+    tiny problems keep one."""
+    def prune(name, cfgs, dtype, t, s, d, **extra):
+        args = {"q_ptr": torch.empty(0, dtype=dtype), "T_BUCKET": t, "S_BUCKET": s}
+        return A._prune_bwd_configs(name, A._bwd_configs(cfgs), args, BLOCK_D=d, **extra)
+
+    for name, cfgs in [("_attn_bwd_dkdv_kernel", A._BWD_DKDV_CONFIGS), ("_attn_bwd_dq_kernel", A._BWD_DQ_CONFIGS)]:
+        assert len(prune(name, cfgs, torch.bfloat16, 8192, 8192, 128, ATOMIC_DQ=True)) == len(cfgs)
+        assert len(prune(name, cfgs, torch.float16, 256, 256, 64, ATOMIC_DQ=True)) == 1
+    small = prune("_attn_bwd_dkdv_kernel", A._BWD_DKDV_CONFIGS, torch.float32, 8192, 8192, 128, ATOMIC_DQ=True)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in small] == [A._BWD_FALLBACK_CONFIG[:2]]
+    dq_fp32 = prune("_attn_bwd_dq_kernel", A._BWD_DQ_CONFIGS, torch.float32, 8192, 8192, 128)
+    assert [c.kwargs["BLOCK_N"] for c in dq_fp32] == [32]  # 128 x 64 tiles of fp32 overflow; 128 x 32 fit
+    for c in A._bwd_configs(A._BWD_DKDV_CONFIGS):  # the estimate fits the limit for the shipped 16-bit configs
+        args = {"q_ptr": torch.empty(0, dtype=torch.bfloat16), "BLOCK_D": 128, "ATOMIC_DQ": True, **c.all_kwargs()}
+        assert A.SMEM_ESTIMATES["_attn_bwd_dkdv_kernel"](args, c) <= A._SMEM_LIMIT
