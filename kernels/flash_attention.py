@@ -19,13 +19,31 @@ running sum l and an unnormalised fp32 accumulator ("online softmax", in base 2:
 the scores). The T x S score matrix is never written to memory. Under causal masking, key tiles entirely above the
 diagonal are skipped (the loop stops at the last key the tile's last row can see).
 
-Backward (FlashAttention-2, no atomics):
-    delta[i] = sum_d o[i, d] * do[i, d]                                   (preprocess kernel)
-    p = exp(s - lse),  dv = p^T do,  dp = do v^T,  ds = p * (dp - delta),  dq = scale * ds k,  dk = scale * ds^T q
-  - dk/dv kernel: one program per (BLOCK_N keys, batch*kv_head). It loops over the H/H_kv query heads that share the
-    kv head and over their query tiles, so grouped heads' gradients are summed in registers and written once.
-  - dq kernel: one program per (BLOCK_M queries, batch*head), streaming K/V like the forward.
-  p is recomputed from the saved lse, so the backward also never stores T x S.
+Backward (FlashAttention-2 schedule, one pass over K/V, atomic dq):
+    preprocess:  delta[i] = sum_d o[i, d] * do[i, d],  lse2[i] = lse[i] * log2(e)   (+inf where lse = -inf)
+    p = exp2(qk * scale*log2(e) - lse2)   (one FFMA + EX2 per score)
+    dv = p^T do,  dp = do v^T,  ds = p * (dp - delta),  dk = scale * ds^T q,  dq = scale * ds k
+  - dk/dv kernel: one program per (128 keys, batch*kv_head), 8 warps (2 warpgroups); the K and V tiles stay
+    resident, 32-row query tiles stream past them. It loops over the H/H_kv query heads sharing the kv head, so
+    grouped heads' dk/dv are summed in registers and written once. Each step is 5 matmuls: s^T = k q^T, dv += p^T do,
+    dp^T = v do^T, dk += ds^T q, and dq_tile = ds k, added with fp32 atomic adds (vector red.global.add.v4.f32) into
+    a zeroed (B, H, T, D) fp32 buffer that the launcher scales and casts once at the end.
+  - Causal: the query tiles of one key tile split into a masked diagonal [lo, mid) and an unmasked steady state
+    [mid, T) (no compare/select in it); the tiles before lo see none of the keys and are skipped. A key tile that
+    reaches past S runs every query tile masked, so its zero-padded keys can never carry exp2 overflow into dq.
+    Key tile 0 has the most work and is launched first (longest first).
+  - deterministic=True (launcher keyword) runs the dk/dv kernel without dq and a separate dq kernel (one program per
+    128 query rows with q, do, dq resident, streaming 32/64-key tiles, the same diagonal split): 7 matmuls per score
+    tile instead of 5, but dq is bitwise reproducible. The atomic path's dq depends on the order the fp32 adds land
+    (differences at fp32 rounding level, ~1e-7 relative, from run to run); dk and dv are deterministic either way.
+  p is recomputed from lse2, so the backward never stores T x S.
+
+Backward registers and shared memory (compiled for sm_90a with bench/sm90.py, bf16/fp16, D = 128; a static
+prediction, not a measurement): the dk, dv fp32 accumulators of a 128 x 128 tile take 128 registers per thread at 8
+warps, so query tiles are 32 rows (64 spilled 200+ bytes); a maxnreg = 232 cap lands at 224-228 registers with no
+spills, ~421 SASS instructions per unmasked step (20 HGMMA for the four 128-key matmuls, 32 mma.sync HMMA for the
+M = 32 dq matmul), 137-153 KB shared memory (K/V resident, a second copy of K in the dq operand layout, 2-3 stages of
+q/do). One CTA (2 warpgroups) per SM.
 
 FLOPs and bytes
 ---------------
@@ -43,9 +61,12 @@ Trade-offs
 - Head dims up to 128; a non-power-of-two D (80, 96, ...) is padded to the next power of two in registers with
   masked loads/stores (wasting up to 37% of the dot FLOPs for D = 80). D > 128 or float64 fall back to the reference.
 - The backward recomputes p (one extra matmul) instead of storing it: O(T) memory for 25% more FLOPs.
-- dk/dv without atomics: a kv program re-reads q, do, lse, delta of every query tile (and of every head in its
-  group); dq recomputes p once more. The alternative (one pass with atomic dq adds) is faster on some shapes but not
-  deterministic.
+- Atomic dq (default) vs the separate dq kernel: chosen on static evidence, per 32 x 128 score tile at D = 128:
+  one ~421-instruction step with 5 matmuls and no spills, against ~300 (dk/dv) + ~256 (dq) instructions and 7
+  matmuls for the two-kernel path. The price: dq's fp32 atomics (16 KB of red.add per step, served by L2: one
+  head's dq buffer is T*D*4 bytes), an extra zeroed fp32 buffer of B*H*T*D*4 bytes, one scale-and-cast pass over it,
+  and run-to-run dq bits. The dq matmul (M = 32 rows) runs on mma.sync, not wgmma: a transposed wgmma form
+  (dq^T = k^T ds^T) compiled to 28-byte spills at the same register cap.
 - Decode (T = 1) uses the same kernel with a mostly-masked query tile: correct, not the fastest (a split-K
   "flash-decoding" kernel would spread S over more programs when B*H is small).
 - An explicit `attn_mask` is not fused: `attention(..., attn_mask=m)` runs `attention_ref` (materialises scores).
@@ -58,7 +79,8 @@ module never decides interpreter-vs-compiler and works without Triton installed.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+import types
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -166,29 +188,73 @@ if tl is not None:
         tl.store(lse_ptr + pid_bh * T + offs_m, lse, mask=m_ok)
 
     def _attn_bwd_preprocess_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
-        o_ptr, do_ptr, delta_ptr,
+        o_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr,
         stride_ob, stride_oh, stride_ot, stride_od,
         stride_dob, stride_doh, stride_dot, stride_dod,
         H, T,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        # delta[b, h, i] = sum_d o * do   (fp32, (B, H, T))
+        # delta = rowsum(o * do) and lse2 = lse * log2(e), both fp32 (B, H, T). lse2 is +inf for rows that attend
+        # nothing (lse = -inf), so the backward's p = exp2(qk * qk_scale - lse2) is exactly 0 there.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1).to(tl.int64)
         off_b = pid_bh // H
         off_h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        m_ok = offs_m < T
+        mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         o = tl.load(o_ptr + off_b * stride_ob + off_h * stride_oh
                     + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=mask, other=0.0)
         do = tl.load(do_ptr + off_b * stride_dob + off_h * stride_doh
                      + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(delta_ptr + pid_bh * T + offs_m, delta, mask=offs_m < T)
+        lse = tl.load(lse_ptr + pid_bh * T + offs_m, mask=m_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        tl.store(delta_ptr + pid_bh * T + offs_m, delta, mask=m_ok)
+        tl.store(lse2_ptr + pid_bh * T + offs_m, lse2, mask=m_ok)
+
+    def _attn_bwd_kv_step(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
+        dk, dv, k, v, start_m, offs_n,
+        q_base, do_base, lse2_base, delta_base, dq_base,
+        stride_qt, stride_qd, stride_dot, stride_dod, T, S, diag, qk_scale,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One query tile (BLOCK_M rows) against the resident K/V tile (BLOCK_N keys): accumulate dk, dv (fp32,
+        # unscaled dk) and, with ATOMIC_DQ, add this tile's dq (unscaled) into the fp32 buffer at dq_base.
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < T
+        md_mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        # q and do (BLOCK_M, BLOCK_D); the dots read their transposes as views of the same tiles
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        # rows past T get lse2 = +inf, so their p (and ds) is exactly 0 without a mask
+        lse2 = tl.load(lse2_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M) raw scores, transposed
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])  # one FFMA + EX2 per score
+        if MASKED:  # the causal diagonal, and keys past S in the last key tile
+            keep = offs_n[:, None] < S
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
+            pT = tl.where(keep, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=md_mask, sem="relaxed")
+        return dk, dv
 
     def _attn_bwd_dkdv_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
-        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
@@ -196,8 +262,8 @@ if tl is not None:
         stride_dkb, stride_dkh, stride_dks, stride_dkd,
         stride_dvb, stride_dvh, stride_dvs, stride_dvd,
         H, H_KV, GROUP, T, S, scale, qk_scale,
-        T_BUCKET, S_BUCKET,
-        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        T_BUCKET, S_BUCKET,  # autotune keys only (powers of two), unused in the body
+        CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -208,11 +274,9 @@ if tl is not None:
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        n_ok = offs_n < S
-        d_ok = offs_d < HEAD_DIM
-        nd_mask = n_ok[:, None] & d_ok[None, :]
+        nd_mask = (offs_n < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-        # K, V tiles (BLOCK_N, BLOCK_D), resident
+        # K, V tiles (BLOCK_N, BLOCK_D), resident for the whole program
         k = tl.load(k_ptr + off_b * stride_kb + off_hk * stride_kh
                     + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)
         v = tl.load(v_ptr + off_b * stride_vb + off_hk * stride_vh
@@ -222,41 +286,35 @@ if tl is not None:
             v = v.to(tl.float32)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # Query tiles [lo, mid) need a mask, [mid, T) do not. Causal (row i sees key j iff j <= i + diag): rows
+        # before lo see none of these keys; from mid on every row sees all of them. A key tile reaching past S
+        # masks every query tile (its padded keys must not reach dq).
         diag = S - T
         if CAUSAL:
-            # first query row that sees key start_n is start_n - diag; start at its tile
             lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+            mid = tl.minimum(tl.maximum(mid, lo), T)
         else:
             lo = 0
+            mid = 0
+        if start_n + BLOCK_N > S:
+            mid = T
         for g in range(0, GROUP):
             off_h = off_hk * GROUP + g
             q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
             do_base = do_ptr + off_b * stride_dob + off_h * stride_doh
             row_base = (off_b * H + off_h) * T
-            for start_m in range(lo, T, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                m_ok = offs_m < T
-                # q^T (BLOCK_D, BLOCK_M), do (BLOCK_M, BLOCK_D)
-                qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd,
-                             mask=m_ok[None, :] & d_ok[:, None], other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                if DOT_FP32:
-                    qT = qT.to(tl.float32)
-                    do = do.to(tl.float32)
-                lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=0.0)
-                delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
-                # rows that attend nothing have lse = -inf; +inf makes their p exactly 0
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-                qkT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-                keep = n_ok[:, None] & m_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
-                pT = tl.where(keep, tl.math.exp2(qkT - lse2[None, :]), 0.0)
-                dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
-                dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-                dsT = pT * (dpT - delta[None, :])
-                dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+            dq_base = dq_acc_ptr + row_base * HEAD_DIM
+            for start_m in range(lo, mid, BLOCK_M):
+                dk, dv = _attn_bwd_kv_step(
+                    dk, dv, k, v, start_m, offs_n, q_base, do_base, lse2_ptr + row_base, delta_ptr + row_base,
+                    dq_base, stride_qt, stride_qd, stride_dot, stride_dod, T, S, diag, qk_scale,
+                    True, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_FP32, PRECISION)
+            for start_m in range(mid, T, BLOCK_M):  # steady state: no mask
+                dk, dv = _attn_bwd_kv_step(
+                    dk, dv, k, v, start_m, offs_n, q_base, do_base, lse2_ptr + row_base, delta_ptr + row_base,
+                    dq_base, stride_qt, stride_qd, stride_dot, stride_dod, T, S, diag, qk_scale,
+                    False, CAUSAL, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_FP32, PRECISION)
         dk = dk * scale
         tl.store(dk_ptr + off_b * stride_dkb + off_hk * stride_dkh
                  + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
@@ -265,15 +323,42 @@ if tl is not None:
                  + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
                  dv.to(dv_ptr.dtype.element_ty), mask=nd_mask)
 
+    def _attn_bwd_q_step(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
+        dq, q, do, lse2, delta, start_n, offs_m, k_base, v_base,
+        stride_ks, stride_kd, stride_vs, stride_vd, S, diag, qk_scale,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One key tile (BLOCK_N keys) against the resident query tile: accumulate dq (fp32, unscaled).
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        nd_mask = (offs_n < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < S
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        return tl.dot(ds, k, dq, input_precision=PRECISION)
+
     def _attn_bwd_dq_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
-        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_dob, stride_doh, stride_dot, stride_dod,
         stride_dqb, stride_dqh, stride_dqt, stride_dqd,
         H, GROUP, T, S, scale, qk_scale,
-        T_BUCKET, S_BUCKET,
+        T_BUCKET, S_BUCKET,  # autotune keys only (powers of two), unused in the body
         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -285,12 +370,11 @@ if tl is not None:
         off_hk = off_h // GROUP
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < T
-        d_ok = offs_d < HEAD_DIM
-        md_mask = m_ok[:, None] & d_ok[None, :]
+        md_mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
 
+        # q, do tiles (BLOCK_M, BLOCK_D), resident
         q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh
                     + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
         do = tl.load(do_ptr + off_b * stride_dob + off_h * stride_doh
@@ -298,36 +382,27 @@ if tl is not None:
         if DOT_FP32:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        lse = tl.load(lse_ptr + pid_bh * T + offs_m, mask=m_ok, other=0.0)
+        lse2 = tl.load(lse2_ptr + pid_bh * T + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_ptr + pid_bh * T + offs_m, mask=m_ok, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         k_base = k_ptr + off_b * stride_kb + off_hk * stride_kh
         v_base = v_ptr + off_b * stride_vb + off_hk * stride_vh
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # Key tiles [0, mid) are seen by every row of this tile and lie inside S: no mask. [mid, hi) are masked.
         diag = S - T
         if CAUSAL:
-            hi = tl.minimum(S, start_m + BLOCK_M + diag)
+            hi = tl.minimum(S, tl.maximum(start_m + BLOCK_M + diag, 0))
+            mid = tl.minimum((tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N, (S // BLOCK_N) * BLOCK_N)
         else:
             hi = S
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            n_ok = cols < S
-            # K^T, V^T tiles (BLOCK_D, BLOCK_N)
-            kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            vT = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd,
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            if DOT_FP32:
-                kT = kT.to(tl.float32)
-                vT = vT.to(tl.float32)
-            qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            keep = m_ok[:, None] & n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(keep, tl.math.exp2(qk - lse2[:, None]), 0.0)
-            dp = tl.dot(do, vT, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+            mid = (S // BLOCK_N) * BLOCK_N
+        for start_n in range(0, mid, BLOCK_N):  # steady state: no mask
+            dq = _attn_bwd_q_step(dq, q, do, lse2, delta, start_n, offs_m, k_base, v_base,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, S, diag, qk_scale,
+                                  False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, PRECISION)
+        for start_n in range(mid, hi, BLOCK_N):
+            dq = _attn_bwd_q_step(dq, q, do, lse2, delta, start_n, offs_m, k_base, v_base,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, S, diag, qk_scale,
+                                  True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_FP32, PRECISION)
         dq = dq * scale
         tl.store(dq_ptr + off_b * stride_dqb + off_h * stride_dqh
                  + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
@@ -342,8 +417,6 @@ def _configs(entries):
 # num_stages); BLOCK_M tiles queries, BLOCK_N keys. Kept short on purpose: every config is compiled per (head dim,
 # causal, dtype), and compiling one takes seconds (bf16, D = 128: ~5-15 s on a 2-core VM; fp32 IEEE dots far longer).
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-_BWD_DKDV_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 2)]
-_BWD_DQ_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 2)]
 _FALLBACK_CONFIG = (64, 32, 4, 2)  # fits shared memory for every supported dtype and head dim
 _AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_FP32", "PRECISION"]
 _SMEM_BUDGET = 160 * 1024  # rough: stay well under the 227 KB an H100/H200 block may use
@@ -368,21 +441,87 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept
 
 
+def _jit_with_helpers(jit: Any, fn: Any, **helpers: Any) -> Any:
+    """jit(fn), with the given jitted helpers bound to their names in the kernel's globals. The helpers' plain
+    module-level functions stay undecorated (kernels are decorated lazily), so the kernel gets its own scope."""
+    scope = {**fn.__globals__, **helpers}
+    bound = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    for attr in ("__module__", "__qualname__", "__doc__", "__annotations__", "__kwdefaults__"):
+        setattr(bound, attr, getattr(fn, attr))  # Triton reads the constexpr annotations
+    return jit(bound)
+
+
+# Backward autotune lists, (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg). The dk/dv(+dq) kernel keeps 128-key
+# K/V tiles resident and streams 32-row query tiles: at D = 128 its fp32 dk, dv accumulators alone take 128 of the
+# 232 registers a thread may use (2 warpgroups, 256 threads), so 64-row query tiles spill (measured: 255 registers,
+# 200+ bytes of spills). maxnreg=232 caps ptxas (it lands at 224-228 registers, no spills; uncapped it picks 234-236).
+# The separate dq kernel (deterministic=True) keeps q/do/dq resident and streams key tiles.
+_BWD_DKDV_CONFIGS = [(32, 128, 8, 2, 232), (32, 128, 8, 3, 232)]
+_BWD_DQ_CONFIGS = [(128, 32, 8, 2, 232), (128, 64, 8, 2, 232)]
+_BWD_FALLBACK_CONFIG = (32, 32, 4, 1, None)  # fits shared memory for fp32 at D = 128
+_BWD_AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_FP32", "PRECISION"]
+_SMEM_LIMIT = 227 * 1024  # shared memory one H100/H200 block may use
+
+
+def _bwd_configs(entries):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, maxnreg=r)
+            for m, n, w, s, r in entries]
+
+
+def _dkdv_smem(named_args: dict, config: Any) -> int:
+    """Shared memory of _attn_bwd_dkdv_kernel: resident K and V, `num_stages` buffers of the q and do tiles and,
+    with ATOMIC_DQ, a second copy of K in the layout of the dq dot plus the transposed ds tile (measured on sm_90a:
+    exact to the byte for bf16/fp16 up to the 256-byte barrier area, covered by the slack)."""
+    elem = named_args["q_ptr"].element_size()
+    m, n, d = named_args["BLOCK_M"], named_args["BLOCK_N"], named_args["BLOCK_D"]
+    smem = elem * d * (2 * n + 2 * m * config.num_stages)
+    if named_args.get("ATOMIC_DQ", True):
+        smem += elem * (d * n + m * n)
+    return smem + 1024
+
+
+def _dq_smem(named_args: dict, config: Any) -> int:
+    """Shared memory of _attn_bwd_dq_kernel: resident q and do, `num_stages` buffers of the K and V tiles."""
+    elem = named_args["q_ptr"].element_size()
+    m, n, d = named_args["BLOCK_M"], named_args["BLOCK_N"], named_args["BLOCK_D"]
+    return elem * d * (2 * m + 2 * n * config.num_stages) + 1024
+
+
+SMEM_ESTIMATES: dict[str, Callable[[dict, Any], int]] = {
+    "_attn_bwd_dkdv_kernel": _dkdv_smem,
+    "_attn_bwd_dq_kernel": _dq_smem,
+}
+
+
+def _prune_bwd_configs(name, configs, named_args, **kwargs):
+    """Keep the configs of kernel `name` whose estimated shared memory fits a block (fp32 inputs at D = 128 fall
+    back to small tiles); tiny problems take the first fitting config without benchmarking."""
+    est = SMEM_ESTIMATES[name]
+    kept = [c for c in configs if est({**named_args, **kwargs, **c.all_kwargs()}, c) <= _SMEM_LIMIT]
+    kept = kept or _bwd_configs([_BWD_FALLBACK_CONFIG])
+    if named_args["T_BUCKET"] * named_args["S_BUCKET"] <= _TINY_PROBLEM:
+        kept = kept[:1]
+    return kept
+
+
 @functools.cache
 def _kernels(interpret: bool) -> tuple[Any, Any, Any, Any]:
     """Decorate the kernels (once per mode). `interpret` is `interpreting()` at the call: Triton reads
     TRITON_INTERPRET when `triton.jit` runs, so this happens lazily, never at import."""
     jit = triton.jit
     fwd = jit(_attn_fwd_kernel)
-    dkdv = jit(_attn_bwd_dkdv_kernel)
-    dq = jit(_attn_bwd_dq_kernel)
+    dkdv = _jit_with_helpers(jit, _attn_bwd_dkdv_kernel, _attn_bwd_kv_step=jit(_attn_bwd_kv_step))
+    dq = _jit_with_helpers(jit, _attn_bwd_dq_kernel, _attn_bwd_q_step=jit(_attn_bwd_q_step))
     pre = jit(_attn_bwd_preprocess_kernel)
     if not interpret:
         tune = lambda cfgs: triton.autotune(  # noqa: E731
             _configs(cfgs), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
         fwd = tune(_FWD_CONFIGS)(fwd)
-        dkdv = tune(_BWD_DKDV_CONFIGS)(dkdv)
-        dq = tune(_BWD_DQ_CONFIGS)(dq)
+        tune_bwd = lambda cfgs, name, key: triton.autotune(  # noqa: E731
+            _bwd_configs(cfgs), key=key,
+            prune_configs_by={"early_config_prune": functools.partial(_prune_bwd_configs, name)})
+        dkdv = tune_bwd(_BWD_DKDV_CONFIGS, "_attn_bwd_dkdv_kernel", _BWD_AUTOTUNE_KEY + ["ATOMIC_DQ"])(dkdv)
+        dq = tune_bwd(_BWD_DQ_CONFIGS, "_attn_bwd_dq_kernel", _BWD_AUTOTUNE_KEY)(dq)
     return fwd, dkdv, dq, pre
 
 
@@ -433,8 +572,12 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
 
 
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                       causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton backward: (dq, dk, dv) shaped like (q, k, v); grouped heads' dk/dv summed over their group."""
+                       causal: bool, scale: float, *, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton backward: (dq, dk, dv) shaped like (q, k, v); grouped heads' dk/dv summed over their group.
+
+    Default: one pass over K/V tiles computing dk, dv and adding dq into an fp32 buffer with atomic adds (five
+    matmuls per tile; dq's bits depend on the order the adds land). deterministic=True computes dq in a separate
+    kernel instead (seven matmuls per tile pair, bitwise reproducible)."""
     _check_triton_inputs(q, k, v)
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
@@ -447,23 +590,30 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     interpret, common, (t_bucket, s_bucket) = _launch_params(q, T, S)
     _, dkdv_kernel, dq_kernel, pre = _kernels(interpret)
     delta = _new_empty((B, H, T), dtype=torch.float32, device=q.device)  # (B, H, T)
+    lse2 = _new_empty((B, H, T), dtype=torch.float32, device=q.device)  # (B, H, T), log2 units
     pre_block = 64
     pre[(triton.cdiv(T, pre_block), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, T,
+        o, do, lse, delta, lse2, *o.stride(), *do.stride(), H, T,
         HEAD_DIM=D, BLOCK_D=common["BLOCK_D"], BLOCK_M=pre_block,
     )
+    atomic = not deterministic
+    # fp32 dq accumulator (B, H, T, D) for the atomic path (unscaled); a 1-element dummy otherwise
+    dq_acc = torch.zeros((B, H, T, D) if atomic else (1,), dtype=torch.float32, device=q.device)
     dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H_kv)](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse2, delta, dk, dv, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, H_kv, H // H_kv, T, S, scale, scale * _LOG2E, t_bucket, s_bucket,
-        CAUSAL=causal, **common,
+        CAUSAL=causal, ATOMIC_DQ=atomic, **common,
     )
-    dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, H // H_kv, T, S, scale, scale * _LOG2E, t_bucket, s_bucket,
-        CAUSAL=causal, **common,
-    )
+    if atomic:
+        dq.copy_(dq_acc.mul_(scale))
+    else:
+        dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
+            q, k, v, do, lse2, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            H, H // H_kv, T, S, scale, scale * _LOG2E, t_bucket, s_bucket,
+            CAUSAL=causal, **common,
+        )
     return dq, dk, dv
 
 

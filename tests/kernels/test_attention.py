@@ -7,6 +7,7 @@ block (INTERPRET_BLOCK_M x INTERPRET_BLOCK_N = 32 x 32): 1, block - 1, block, bl
 """
 import inspect
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,89 @@ def test_custom_scale_and_default():
                       A.attention_ref(q.double(), k.double(), v.double(), causal=False, scale=0.3))
     assert_close_fp32(kernels.attention(q, k, v), A.attention_ref(q.double(), k.double(), v.double(), causal=True,
                                                                   scale=16 ** -0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backward launcher directly: the masked-diagonal / steady-state split, atomic and deterministic dq
+# ---------------------------------------------------------------------------------------------------------------
+def check_backward(B, H, H_kv, T, S, D, causal, *, deterministic=False):
+    """attention_backward on fp32 inputs (o, lse from the float64 reference forward) against the float64 backward."""
+    key = ("bwd", B, H, H_kv, T, S, D, causal)
+    q, k, v, do = _inputs(B, H, H_kv, T, S, D, torch.float32, seed_key=key)
+    scale = D ** -0.5
+    o, lse = A._attention_fwd_ref(q.double(), k.double(), v.double(), causal, scale)
+    got = A.attention_backward(do, q, k, v, o.float(), lse, causal, scale, deterministic=deterministic)
+    want = A._attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), o, lse.double(), causal, scale)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), f"{name}: non-finite or wrong dtype in {key}"
+        try:
+            assert_close_fp32(a, r)
+        except AssertionError as e:
+            raise AssertionError(f"{name} {key}: {e}") from None
+    return got
+
+
+# Causal: diag = S - T places the diagonal; each key tile's query tiles [lo, mid) run masked, [mid, T) unmasked;
+# a key tile reaching past S runs every query tile masked. (T, S) chosen around the 32 x 32 interpreter blocks.
+SPLIT_SHAPES = [
+    (3 * BM, 3 * BN),          # diag = 0: one masked tile per key tile, then the steady state
+    (2 * BM, 3 * BN + 1),      # diag = BN + 1, last key tile holds one key (all of it masked)
+    (BM + 18, 2 * BN + 17),    # diag = BN - 1: the diagonal one row short of a tile boundary
+    (BM + 1, 2 * BN),          # diag = BN - 1, T one past the block
+    (2 * BM + 6, BN + 6),      # T > S, diag = -BM: the first BM rows attend nothing (zero dq rows)
+    (BM + 13, BN - 12),        # T > S, diag = -25, S < one key tile
+    (1, 2 * BN + 3),           # decode: one row sees everything
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T, S", SPLIT_SHAPES, ids=lambda x: str(x))
+def test_backward_diagonal_split(T, S, causal, deterministic):
+    dq, _, _ = check_backward(1, 2, 1, T, S, 32, causal, deterministic=deterministic)
+    if causal and T > S:
+        assert (dq[:, :, : T - S] == 0).all()  # rows that attend nothing: exactly zero gradient
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+@pytest.mark.parametrize("shape", [(2, 6, 2, 37, 70, 48), (1, 4, 1, 65, 33, 24), (1, 3, 3, 40, 40, 96)],
+                         ids=lambda s: "B{}H{}Hkv{}T{}S{}D{}".format(*s))
+def test_backward_gqa_and_odd_head_dims(shape, deterministic):
+    """GQA/MQA (dk, dv summed over the group; atomic dq from every kv program of the group), D not a power of 2."""
+    check_backward(*shape, causal=True, deterministic=deterministic)
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_backward_very_negative_scores_stay_finite(causal, deterministic):
+    """Every score near -96: lse2 ~ -133, so exp2(0 - lse2) overflows for a zero-padded key past S. The padded
+    keys of the last (partial) key tile must be masked, not just multiplied by their zero k/v rows (inf * 0)."""
+    T, S, D, scale = 5, BN + 8, 16, 6.0
+    g = torch.Generator().manual_seed(7)
+    q = -torch.ones(1, 1, T, D) + 0.01 * torch.randn(1, 1, T, D, generator=g)
+    k = torch.ones(1, 1, S, D) + 0.01 * torch.randn(1, 1, S, D, generator=g)
+    v, do = torch.randn(1, 1, S, D, generator=g), torch.randn(1, 1, T, D, generator=g)
+    o, lse = A._attention_fwd_ref(q.double(), k.double(), v.double(), causal, scale)
+    assert lse.max() < -90  # exp2(-lse * log2(e)) > 2^128: inf in fp32
+    got = A.attention_backward(do, q, k, v, o.float(), lse, causal, scale, deterministic=deterministic)
+    want = A._attention_bwd_ref(do.double(), q.double(), k.double(), v.double(), o, lse.double(), causal, scale)
+    for a, r in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)  # |s| ~ 100: fp32 rounding of s
+
+
+@needs_triton
+def test_backward_deterministic_is_reproducible_and_matches_atomic():
+    q, k, v, do = _inputs(1, 4, 2, 45, 77, 32, torch.float32, seed_key="determinism")
+    o, lse = A.attention_forward(q, k, v, True, 0.2)
+    det = [A.attention_backward(do, q, k, v, o, lse, True, 0.2, deterministic=True) for _ in range(2)]
+    atomic = A.attention_backward(do, q, k, v, o, lse, True, 0.2)
+    for a, b, c in zip(*det, atomic):
+        assert torch.equal(a, b)
+        assert_close_fp32(c, a)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,15 +378,75 @@ def test_kernels_compile_for_hopper():
     process: catches type/shape errors in the compiled path the interpreter does not see. One bf16 config; shared
     memory checked."""
     attn = dict(CAUSAL=True, HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, DOT_FP32=False, PRECISION="tf32")
-    kernels_consts = [("_attn_fwd_kernel", attn), ("_attn_bwd_dkdv_kernel", attn), ("_attn_bwd_dq_kernel", attn),
+    # the backward dk/dv and dq kernels call jitted helpers: test_backward_compiles_for_hopper compiles them
+    kernels_consts = [("_attn_fwd_kernel", attn),
                       ("_attn_bwd_preprocess_kernel", dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64))]
     jobs = []
     for name, consts in kernels_consts:
         params = inspect.signature(getattr(A, name)).parameters
-        ptrs = {p: "*fp32" if p in ("lse_ptr", "delta_ptr") else "*bf16" for p in params if p.endswith("_ptr")}
+        fp32 = ("lse_ptr", "lse2_ptr", "delta_ptr")
+        ptrs = {p: "*fp32" if p in fp32 else "*bf16" for p in params if p.endswith("_ptr")}
         jobs.append(["kernels.flash_attention", name, consts, 4, ptrs, ["qk_scale", "scale"], [], {"num_stages": 3}])
     for out in aot_compile_sm90(jobs):
         assert out["cubin"] and out["shared"] <= 227 * 1024, out["name"]
+
+
+_SM90_BACKWARD_SCRIPT = r"""
+import json, os, sys, torch
+from triton import knobs
+from bench import sm90
+import kernels.flash_attention as A
+out = []
+for dtype, causal, deterministic, D in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
+    q, k, v, do, o = (torch.randn(1, 2, 1024, D, dtype=dtype) for _ in range(5))
+    lse = torch.randn(1, 2, 1024)
+    for launch in sm90.capture(A.attention_backward, do, q, k, v, o, lse, causal, D ** -0.5,
+                               deterministic=deterministic):
+        for cfg in launch.configs():
+            # a cache hit prints no ptxas report: every compile gets an empty cache
+            knobs.cache.dir = os.path.join(sys.argv[2], f"{len(out)}")
+            c = sm90.compile_launch(launch, cfg)
+            args = {**launch.named_args(), **(cfg.all_kwargs() if cfg else {})}
+            est = None if cfg is None else A.SMEM_ESTIMATES[launch.name](args, cfg)
+            text = sm90.sass(c.kernel)
+            out.append(dict(name=launch.name, config=str(c.config), stats=c.stats, estimate=est,
+                            hgmma="HGMMA" in text, case=[str(dtype), causal, deterministic, D]))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
+def test_backward_compiles_for_hopper(tmp_path):
+    """bench.sm90 compiles every backward launch x autotune config for sm_90a as a real launch specialises it (fresh
+    cache, so ptxas reports): <= 232 registers, no spills on the default (atomic dq) path, wgmma used, shared memory
+    within the autotune estimate and the 227 KB limit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cases = [["bfloat16", True, False, 128], ["float16", False, False, 128], ["bfloat16", True, True, 128]]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", _SM90_BACKWARD_SCRIPT, json.dumps(cases), str(tmp_path)],
+                          capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["name"] for r in rows} == {"_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
+                                         "_attn_bwd_dq_kernel"}
+    for r in rows:
+        st, what = r["stats"], f"{r['name']} {r['config']} {r['case']}"
+        assert 0 < st["registers"] <= 232, what
+        assert st["shared_bytes"] <= 227 * 1024, what
+        if r["estimate"] is not None:
+            assert st["shared_bytes"] <= r["estimate"] <= 227 * 1024, what
+        if r["name"] != "_attn_bwd_preprocess_kernel":
+            assert r["hgmma"], what
+        if not r["case"][2]:  # default path; the deterministic causal dk/dv spills 8-20 bytes outside its loops
+            assert st["spill_store_bytes"] == 0 and st["spill_load_bytes"] == 0, what
 
 
 @pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
@@ -317,3 +461,23 @@ def test_autotune_pruning():
     decode = A._prune_configs(cfgs, args(torch.bfloat16, 1, 8192), BLOCK_D=128)
     assert decode and all(c.kwargs["BLOCK_M"] == 64 for c in decode)
     assert len(A._prune_configs(cfgs, args(torch.float16, 256, 256), BLOCK_D=64)) == 1
+
+
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
+def test_backward_autotune_pruning():
+    """Backward pruning uses SMEM_ESTIMATES: bf16 D=128 keeps every config, fp32 D=128 falls back to small tiles,
+    tiny problems keep one."""
+    def prune(name, cfgs, dtype, t, s, d, **extra):
+        args = {"q_ptr": torch.empty(0, dtype=dtype), "T_BUCKET": t, "S_BUCKET": s}
+        return A._prune_bwd_configs(name, A._bwd_configs(cfgs), args, BLOCK_D=d, **extra)
+
+    for name, cfgs in [("_attn_bwd_dkdv_kernel", A._BWD_DKDV_CONFIGS), ("_attn_bwd_dq_kernel", A._BWD_DQ_CONFIGS)]:
+        assert len(prune(name, cfgs, torch.bfloat16, 8192, 8192, 128, ATOMIC_DQ=True)) == len(cfgs)
+        assert len(prune(name, cfgs, torch.float16, 256, 256, 64, ATOMIC_DQ=True)) == 1
+    small = prune("_attn_bwd_dkdv_kernel", A._BWD_DKDV_CONFIGS, torch.float32, 8192, 8192, 128, ATOMIC_DQ=True)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in small] == [A._BWD_FALLBACK_CONFIG[:2]]
+    dq_fp32 = prune("_attn_bwd_dq_kernel", A._BWD_DQ_CONFIGS, torch.float32, 8192, 8192, 128)
+    assert [c.kwargs["BLOCK_N"] for c in dq_fp32] == [32]  # 128 x 64 tiles of fp32 overflow; 128 x 32 fit
+    for c in A._bwd_configs(A._BWD_DKDV_CONFIGS):  # the estimate fits the limit for the shipped 16-bit configs
+        args = {"q_ptr": torch.empty(0, dtype=torch.bfloat16), "BLOCK_D": 128, "ATOMIC_DQ": True, **c.all_kwargs()}
+        assert A.SMEM_ESTIMATES["_attn_bwd_dkdv_kernel"](args, c) <= A._SMEM_LIMIT
