@@ -21,14 +21,20 @@ Kernels
    one chunk, and ALL the query rows of that kv head's group: the GROUP heads x T tokens are packed into one
    "rows" axis (row r = head r // T, token r % T), so each K/V tile is read from memory once for the whole group
    (the main kernel reads it once per query head). Rows are padded to BLOCK_M = max(16, next_pow2(GROUP * T)),
-   at most 64 (more rows: a third grid axis re-reads the chunk).
+   at most 32 (16 for fp32); more rows take a third grid axis, whose programs re-read the chunk (mostly from L2,
+   they run concurrently). Why 32: at 64 rows the transposed accumulator, scores and reductions compiled to 246-255
+   registers (over the 232 budget at D = 128); at 32 rows 125-148.
    The matmuls are computed transposed ("swap AB"): s^T = K q^T, (BLOCK_N, BLOCK_M), and o^T = V^T p^T,
    (BLOCK_D, BLOCK_M). Hopper's wgmma needs M = 64 rows per warpgroup; with only 1-16 query rows the keys
    (BLOCK_N = 64/128) and the head dim (BLOCK_D = 64/128) take the M side instead, and the query rows become the
    N side, where wgmma accepts 8..256. No tensor-core work is wasted on padding beyond BLOCK_M = 16, and the
    fp32 accumulator o^T is only BLOCK_D x BLOCK_M (16 registers per thread at D = 128, 16 rows, 4 warps).
    (Head dims below 64, i.e. BLOCK_D 16/32, cannot fill M = 64 and compile to mma.sync; fp32 inputs use IEEE
-   FMA dots, as in the main kernel.)
+   FMA dots, as in the main kernel, with their own 16-key config: larger fp32 tiles spill.)
+   The price of the transposed layout: the keys of a tile are spread over the warps, so the per-row max is a
+   cross-warp (shared-memory) reduction per tile. The running sum avoids a second one: it is kept per key slot
+   (l_t, BLOCK_N x BLOCK_M, elementwise FFMA) and reduced once after the loop. Decode is bound by reading K/V,
+   and several CTAs per SM hide the reduction's latency.
    The scale is folded into one FFMA: the running max is kept in raw score units and p = exp2(s * c - m * c)
    with c = scale * log2(e) > 0 (the host negates q for a negative scale and zeroes q with scale 1 for
    scale 0: both exact).
@@ -88,6 +94,7 @@ _MAX_HEAD_DIM = 128
 MAX_NEW_TOKENS = 16  # T above this: the main kernel (its 64-row query tiles are no longer mostly empty)
 MIN_KV_LEN = 1024  # S below this: too little KV to be worth splitting
 MAX_ROWS = 32  # BLOCK_M cap: GROUP * T rows per program (more rows: a third grid axis); see the docstring
+MAX_ROWS_FP32 = 16  # fp32 (FMA dots): 32 rows take 233 registers at D = 128, 16 rows stay well under 232
 WAVES = 2  # target CTAs = WAVES x SM count
 DEFAULT_SM_COUNT = 132  # H100 SXM / H200, used for non-CUDA tensors (CPU capture)
 SPLIT_ALIGN = 128  # SPLIT_LEN is a multiple of this (>= every BLOCK_N in the autotune list)
@@ -309,8 +316,9 @@ def _sm_count(t: Tensor) -> int:
     return DEFAULT_SM_COUNT  # CPU tensors (bench.sm90.capture, interpreter): assume an H100/H200
 
 
-def _block_m(group: int, T: int) -> int:
-    return min(MAX_ROWS, max(16, triton.next_power_of_2(group * T)))
+def _block_m(group: int, T: int, elem: int) -> int:
+    """Packed query rows per program: GROUP * T padded to a power of two >= 16, capped."""
+    return min(MAX_ROWS if elem < 4 else MAX_ROWS_FP32, max(16, triton.next_power_of_2(group * T)))
 
 
 def _split_align() -> int:
@@ -325,7 +333,7 @@ def _num_splits(B: int, H: int, H_kv: int, T: int, S: int, D: int, elem: int, sm
     if FORCE_NUM_SPLITS is not None:
         n = FORCE_NUM_SPLITS
     else:
-        row_blocks = -(-group * T // _block_m(group, T))
+        row_blocks = -(-group * T // _block_m(group, T, elem))
         n = -(-WAVES * sm_count // (B * H_kv * row_blocks))  # fill the waves
         n = min(n, S // MIN_SPLIT_LEN)  # a few tiles per split
         kv_bytes = 2 * H_kv * S * D * elem
@@ -372,7 +380,7 @@ def flash_decoding_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale:
         q, scale = torch.zeros_like(q), 1.0  # every score exactly 0, as with scale 0
     interpret = interpreting()
     block_d = max(16, triton.next_power_of_2(D))
-    block_m = _block_m(group, T)
+    block_m = _block_m(group, T, q.element_size())
     num_splits, split_len = _num_splits(B, H, H_kv, T, S, D, q.element_size(), _sm_count(q), _split_align())
     n_rows = B * H * T
 

@@ -79,8 +79,8 @@ SHAPES = [
     (1, 4, 2, 3, 4 * 4 * BN + 1, 48, True, 4),    # T = 3 causal, GQA 2, D = 48 (padded to 64); the 1-key last
                                                   # chunk is invisible to rows 0, 1 (lse_s = -inf in the combine)
     (2, 4, 4, 16, 9 * BN + 6, 64, True, 3),       # MHA, T = 16 causal over two tiles, S not a multiple of BN
-    (1, 4, 2, 16, 7 * BN + 3, 32, False, 2),      # GQA 2 x T 16 = 32 rows: one full BLOCK_M
-    (1, 4, 1, 16, 5 * BN - 1, 32, True, 3),       # 64 rows: two row blocks (third grid axis)
+    (1, 4, 2, 16, 7 * BN + 3, 32, False, 2),      # GQA 2 x T 16 = 32 rows: one row block (two in fp32)
+    (1, 4, 1, 16, 5 * BN - 1, 32, True, 3),       # 64 rows: several row blocks (third grid axis)
     (1, 2, 2, 5, 5, 16, True, 1),                 # S == T, one split, one masked tile
     (1, 4, 2, 2, 3 * BN, 64, True, 8),            # more splits asked than tiles: every chunk still non-empty
 ]
@@ -94,7 +94,7 @@ def test_fp32(shape, monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4]], ids=["T1", "T3", "T16"])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[5]], ids=["T1", "T3", "T16", "rows32"])
 def test_fp16(shape, monkeypatch):
     check_forward(*shape, dtype=torch.float16, monkeypatch=monkeypatch)
 
