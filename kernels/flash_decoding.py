@@ -97,7 +97,7 @@ MAX_ROWS = 32  # BLOCK_M cap: GROUP * T rows per program (more rows: a third gri
 MAX_ROWS_FP32 = 16  # fp32 (FMA dots): 32 rows take 233 registers at D = 128, 16 rows stay well under 232
 WAVES = 2  # target CTAs = WAVES x SM count
 DEFAULT_SM_COUNT = 132  # H100 SXM / H200, used for non-CUDA tensors (CPU capture)
-SPLIT_ALIGN = 128  # SPLIT_LEN is a multiple of this (>= every BLOCK_N in the autotune list)
+SPLIT_ALIGN = 128  # SPLIT_LEN is a multiple of this (every BLOCK_N in the autotune lists divides it)
 MIN_SPLIT_LEN = 256  # keys per split at least (a few KV tiles, so the loop's pipeline has something to overlap)
 WORKSPACE_FRACTION = 0.25  # partial-result round trip at most this fraction of the KV bytes
 FORCE_NUM_SPLITS: Optional[int] = None  # tests: use exactly this many splits (before rounding SPLIT_LEN)
@@ -252,7 +252,8 @@ if tl is not None:
         tl.store(lse_ptr + row, lse)
 
 
-# (BLOCK_N, num_warps, num_stages). BLOCK_N must divide SPLIT_ALIGN. Memory-bound: two configs, one with more
+# (BLOCK_N, num_warps, num_stages). BLOCK_N divides SPLIT_ALIGN, so only the last chunk has a masked tail (any
+# chunk length is correct: the tail loop masks at the chunk end). Memory-bound: two configs, one with more
 # bytes in flight per CTA (128-key tiles) and one with more CTAs per SM (64-key tiles, less shared memory).
 _SPLIT_CONFIGS = [(64, 4, 3), (128, 8, 2)]
 # fp32 inputs: IEEE dots run on FMA units with both operands in registers; 32-key tiles at D = 128 spill (255
@@ -350,7 +351,7 @@ def _supported(q: Tensor, k: Tensor) -> bool:
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     return (q.dtype in _TRITON_DTYPES and 0 < D <= _MAX_HEAD_DIM and 1 <= T <= MAX_NEW_TOKENS and S >= T
-            and B > 0 and H_kv > 0 and H % H_kv == 0)
+            and B > 0 and H > 0 and H_kv > 0 and H % H_kv == 0)
 
 
 def use_flash_decoding(q: Tensor, k: Tensor) -> bool:

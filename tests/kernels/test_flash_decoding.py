@@ -55,6 +55,7 @@ def _torch_in_dtype(q, k, v, causal, scale):
 
 def check_forward(B, H, H_kv, T, S, D, causal, splits, dtype=torch.float32, scale=None, monkeypatch=None):
     monkeypatch.setattr(FD, "FORCE_NUM_SPLITS", splits)
+    monkeypatch.setattr(FD, "SPLIT_ALIGN", BN)  # compiled (CUDA) runs: chunks as small as the interpreter's
     key = (B, H, H_kv, T, S, D, causal, splits, str(dtype), scale)
     q, k, v, _ = _inputs(B, H, H_kv, T, S, D, dtype, seed_key=key)
     scale = D ** -0.5 if scale is None else scale
@@ -115,6 +116,7 @@ def test_non_positive_scale(scale, monkeypatch):
 @needs_triton
 def test_non_contiguous_inputs(monkeypatch):
     monkeypatch.setattr(FD, "FORCE_NUM_SPLITS", 3)
+    monkeypatch.setattr(FD, "SPLIT_ALIGN", BN)
     q, k, v, _ = _inputs(1, 4, 2, 2, 70, 32, torch.float32, seed_key="strided")
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))  # (B, T, H, D) storage
     assert not k.is_contiguous()
@@ -184,6 +186,7 @@ def small_decode(monkeypatch):
     """Lower the dispatch threshold to interpreter-sized S and count flash-decoding launches."""
     monkeypatch.setattr(FD, "MIN_KV_LEN", 64)
     monkeypatch.setattr(FD, "FORCE_NUM_SPLITS", 4)
+    monkeypatch.setattr(FD, "SPLIT_ALIGN", BN)
     calls = []
     real = A.flash_decoding_forward
 
