@@ -79,7 +79,7 @@ SHAPES = [
     (1, 4, 1, 1, 4 * 3 * BN + 1, 64, False, 4),   # boundary + 1: a 5th chunk holding one key
     (1, 4, 2, 3, 4 * 4 * BN + 1, 48, True, 4),    # T = 3 causal, GQA 2, D = 48 (padded to 64); the 1-key last
                                                   # chunk is invisible to rows 0, 1 (lse_s = -inf in the combine)
-    (2, 4, 4, 16, 9 * BN + 6, 64, True, 3),       # MHA, T = 16 causal over two tiles, S not a multiple of BN
+    (2, 2, 2, 16, 9 * BN + 6, 64, True, 3),       # MHA, T = 16 causal over two tiles, S not a multiple of BN
     (1, 4, 2, 16, 7 * BN + 3, 32, False, 2),      # GQA 2 x T 16 = 32 rows: one row block (two in fp32)
     (1, 4, 1, 16, 5 * BN - 1, 32, True, 3),       # 64 rows: several row blocks (third grid axis)
     (1, 2, 2, 5, 5, 16, True, 1),                 # S == T, one split, one masked tile
