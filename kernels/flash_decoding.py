@@ -30,8 +30,8 @@ Kernels
    N side, where wgmma accepts 8..256. No tensor-core work is wasted on padding beyond BLOCK_M = 16, and the
    fp32 accumulator o^T is only BLOCK_D x BLOCK_M (16 registers per thread at D = 128, 16 rows, 4 warps).
    (Head dims up to 32, i.e. BLOCK_D 16/32, cannot fill M = 64 in the o^T dot, which compiles to mma.sync there;
-   the score dot stays wgmma. fp32 inputs use IEEE
-   FMA dots, as in the main kernel, with their own 16-key config: larger fp32 tiles spill.)
+   the score dot stays wgmma. fp32 inputs use IEEE FMA dots, as in the main kernel, with their own 16-key
+   config: larger fp32 tiles spill.)
    The price of the transposed layout: the keys of a tile are spread over the warps, so the per-row max is a
    cross-warp (shared-memory) reduction per tile. The running sum avoids a second one: it is kept per key slot
    (l_t, BLOCK_N x BLOCK_M, elementwise FFMA) and reduced once after the loop. Decode is bound by reading K/V,
