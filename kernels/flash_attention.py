@@ -87,6 +87,7 @@ from torch import Tensor
 from torch.types import Device
 
 from ._dispatch import interpreting, use_triton
+from .flash_decoding import flash_decoding_forward, use_flash_decoding
 
 __all__ = ["attention", "attention_ref", "attention_forward", "attention_backward"]
 
@@ -552,6 +553,8 @@ def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Triton forward. q (B, H, T, D), k/v (B, H_kv, S, D) -> o (B, H, T, D) in q.dtype, lse (B, H, T) fp32."""
+    if use_flash_decoding(q, k):  # few new tokens, long KV, small B * H_kv: split the KV length (flash_decoding.py)
+        return flash_decoding_forward(q, k, v, causal, scale)
     _check_triton_inputs(q, k, v)
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
