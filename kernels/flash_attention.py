@@ -155,7 +155,8 @@ if tl is not None:
         # ragged last tile, masked. Row i sees key j iff j <= i + diag (causal, bottom-right aligned).
         diag = S - T
         s_full = S // BLOCK_N * BLOCK_N
-        if CAUSAL:
+        if CAUSAL:  # the last key each row sees: one compare per score in the masked loop
+            last_key = tl.minimum(offs_m + diag, S - 1)
             n_end = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), S)
             n_full = tl.minimum(tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N, s_full)
         else:
@@ -191,18 +192,18 @@ if tl is not None:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
                 qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), raw scores
+                # scale > 0 (checked by the launcher), so max(qk) * qk_scale is the max of the scaled scores and
+                # qk * qk_scale - m is one FFMA per score (a masked -inf stays -inf)
                 if MASKED:
-                    keep = cols[None, :] < S
                     if CAUSAL:
-                        keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
-                    qk = tl.where(keep, qk * qk_scale, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(qk, 1))
+                        qk = tl.where(cols[None, :] <= last_key[:, None], qk, float("-inf"))
+                    else:
+                        qk = tl.where((cols < S)[None, :], qk, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: avoid inf - inf
-                    p = tl.math.exp2(qk - m_use[:, None])
+                    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
                     alpha = tl.math.exp2(m_i - m_use)
                 else:
-                    # scale > 0 (checked by the launcher), so max(qk) * qk_scale is the max of the scaled
-                    # scores; qk * qk_scale - m is one FFMA per element
                     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
                     alpha = tl.math.exp2(m_i - m_new)
@@ -415,6 +416,9 @@ _TINY_PROBLEM = 512 * 512  # T_BUCKET * S_BUCKET at or below this: no benchmarki
 
 _FWD_AUTOTUNE_KEY = _AUTOTUNE_KEY + ["TMA"]
 _FWD_FALLBACK_CONFIG = (64, 32, 4, 2, False)  # fits shared memory for every supported dtype and head dim
+# fp32 inputs run IEEE FMA dots (no tensor cores), whose operands live in registers: at D = 128 every 16-bit
+# config spills tens of KB (64 x 32 / 4 warps: 32 KB); 32 x 32 tiles spill 1.7 KB. Correctness path, not speed.
+_FWD_FP32_CONFIG = (32, 32, 4, 2, False)
 _SMEM_LIMIT = 227 * 1024  # the most dynamic shared memory one block may use on an H100/H200
 
 
@@ -446,8 +450,11 @@ def _fwd_smem_bytes(named_args: dict[str, Any], config: Any) -> int:
 def _prune_fwd_configs(configs, named_args, **kwargs):
     """Keep the forward configs whose compiled shared memory fits the 227 KB a Hopper block may use, and on the
     pointer path only tiles up to 128 x 64 (its per-element addresses take 255 registers and spill at 128 x 128);
+    fp32 inputs get one small-tile config (_FWD_FP32_CONFIG);
     prefer BLOCK_M = 64 for short query blocks (decode); skip benchmarking entirely for tiny problems."""
     t, s = named_args["T_BUCKET"], named_args["S_BUCKET"]
+    if kwargs.get("PRECISION") == "ieee":
+        return _fwd_configs([_FWD_FP32_CONFIG])
     est = SMEM_ESTIMATES["_attn_fwd_kernel"]
 
     def fits(c):

@@ -383,7 +383,8 @@ def test_forward_autotune_pruning():
 
     def prune(dtype, t, s, block_d, tma=True):
         args = {"q_src": torch.empty(0, dtype=dtype), "T_BUCKET": t, "S_BUCKET": s}
-        return A._prune_fwd_configs(cfgs, args, BLOCK_D=block_d, TMA=tma)
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        return A._prune_fwd_configs(cfgs, args, BLOCK_D=block_d, TMA=tma, PRECISION=precision)
 
     def smem(dtype, c, block_d):
         return est({"q_src": torch.empty(0, dtype=dtype), "BLOCK_D": block_d, **c.all_kwargs()}, c)
@@ -391,8 +392,9 @@ def test_forward_autotune_pruning():
     big = prune(torch.bfloat16, 4096, 4096, 128)
     assert big == [c for c in cfgs if smem(torch.bfloat16, c, 128) <= A._SMEM_LIMIT]
     assert len(big) == len(cfgs)  # bf16 D=128: every Hopper config fits 227 KB, all are benchmarked
-    fp32 = prune(torch.float32, 4096, 4096, 128)
-    assert fp32 and len(fp32) < len(cfgs) and all(smem(torch.float32, c, 128) <= A._SMEM_LIMIT for c in fp32)
+    fp32 = prune(torch.float32, 4096, 4096, 128)  # IEEE FMA dots: one small tile (register pressure)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in fp32] == [A._FWD_FP32_CONFIG[:3]]
+    assert smem(torch.float32, fp32[0], 128) <= A._SMEM_LIMIT
     pointer = prune(torch.bfloat16, 4096, 4096, 128, tma=False)  # 128 x 128 tiles spill without TMA
     assert pointer and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in pointer)
     decode = prune(torch.bfloat16, 1, 8192, 128)
