@@ -31,7 +31,7 @@ base 2). The T x S score matrix is never written to memory.
   - Autotune configs are pruned by an estimate of the shared memory the compiled kernel uses (SMEM_ESTIMATES,
     checked against sm_90a compiles): the q tile plus num_stages buffers of K and V tiles.
   Compiled for sm_90a (bf16, D = 128, static prediction; no GPU has run it): 138 registers at 128 x 64 / 8 warps
-  and 189 at 128 x 128, no spills, wgmma for both dots, a 354-instruction unmasked loop (the tutorial's: 361).
+  and 190-199 at 128 x 128, no spills, wgmma for both dots, a 354-instruction unmasked loop (the tutorial's: 361).
 
 Backward (FlashAttention-2, no atomics):
     delta[i] = sum_d o[i, d] * do[i, d]                                   (preprocess kernel)
@@ -400,8 +400,9 @@ def _configs(entries):
 # Autotune lists for Hopper (BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4 stages), (BLOCK_M, BLOCK_N, num_warps,
 # num_stages); BLOCK_M tiles queries, BLOCK_N keys. Kept short on purpose: every config is compiled per (head dim,
 # causal, dtype), and compiling one takes seconds (bf16, D = 128: ~5-15 s on a 2-core VM; fp32 IEEE dots far longer).
-# Forward: (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize), chosen from sm_90a compiles (bf16, D = 128:
-# 138-190 registers, no spills). Pruned per launch by the shared memory the compiled kernel uses (SMEM_ESTIMATES).
+# Forward: (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize), chosen from sm_90a compiles (fp16/bf16 on
+# the TMA path: 107-199 registers at D 64-128, no spills). Pruned per launch by the shared memory the compiled
+# kernel uses (SMEM_ESTIMATES).
 # warp_specialize stays off: in Triton 3.9 Hopper's warp-specialization pass ignores these 8-warp loops (same SASS)
 # and fails to compile the 4-warp ones ("descriptor block and tensor must have the same number of elements").
 _FWD_CONFIGS = [(128, 64, 8, 3, False), (128, 64, 8, 2, False), (128, 128, 8, 2, False), (128, 128, 8, 3, False),
