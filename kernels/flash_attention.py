@@ -404,7 +404,8 @@ def _configs(entries):
 # the TMA path: 107-199 registers at D 64-128, no spills). Pruned per launch by the shared memory the compiled
 # kernel uses (SMEM_ESTIMATES).
 # warp_specialize stays off: in Triton 3.9 Hopper's warp-specialization pass ignores these 8-warp loops (same SASS)
-# and fails to compile the 4-warp ones ("descriptor block and tensor must have the same number of elements").
+# and fails to compile the 4-warp ones ("descriptor block and tensor must have the same number of elements"), as it
+# does for a minimal tutorial-style loop with 2-d descriptors.
 _FWD_CONFIGS = [(128, 64, 8, 3, False), (128, 64, 8, 2, False), (128, 128, 8, 2, False), (128, 128, 8, 3, False),
                 (64, 64, 4, 3, False)]
 _BWD_DKDV_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 2)]

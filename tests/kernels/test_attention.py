@@ -184,7 +184,13 @@ def test_forward_tma_and_pointer_paths(shape, causal, dtype, path, monkeypatch):
     assert A._tma_ok(q, k, v)
     if path == "pointer":
         monkeypatch.setattr(A, "_tma_ok", lambda *tensors: False)
+    from triton.tools import tensor_descriptor
+
+    made = []  # the launcher builds one descriptor per q, k, v, o on the TMA path, none on the pointer path
+    real = tensor_descriptor.TensorDescriptor
+    monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
     _check_forward(q, k, v, causal)
+    assert len(made) == (4 if path == "tma" else 0)
 
 
 @needs_triton
