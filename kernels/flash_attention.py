@@ -13,11 +13,25 @@ Causal masking is aligned bottom-right: query row i attends key j iff j <= i + (
 If T > S the first T - S rows attend nothing: their output is defined as 0 and their lse as -inf (no NaN anywhere,
 forward or backward).
 
-Forward (FlashAttention-2 schedule): one program per (BLOCK_M query rows, batch*head). The q tile stays in
-registers; the program streams BLOCK_N-row tiles of K and V, computing the scores tile, and keeps a running max m,
-running sum l and an unnormalised fp32 accumulator ("online softmax", in base 2: exp2 with scale*log2(e) folded into
-the scores). The T x S score matrix is never written to memory. Under causal masking, key tiles entirely above the
-diagonal are skipped (the loop stops at the last key the tile's last row can see).
+Forward (FlashAttention-2 schedule, laid out as in Triton's fused-attention tutorial): one program per (BLOCK_M
+query rows, batch*head). The q tile is loaded once; the program streams BLOCK_N-row tiles of K and V, computing the
+scores tile, and keeps a running max m, running sum l and an unnormalised fp32 accumulator ("online softmax" in
+base 2). The T x S score matrix is never written to memory.
+  - Two loops over the keys. Tiles every row of the query tile fully sees (all of them without causal, those left
+    of the diagonal with it) and that lie inside S run in an unmasked loop with no mask arithmetic at all; the
+    causal diagonal tiles and the ragged last tile (S % BLOCK_N != 0) run after it in a masked loop. Key tiles
+    entirely above the diagonal are never visited.
+  - Scale folded: with qk_scale = scale * log2(e), m is taken from the raw scores (max(qk) * qk_scale, scale > 0)
+    and p = exp2(qk * qk_scale - m), one FFMA per score in the unmasked loop.
+  - fp16/bf16 inputs with a power-of-two D, contiguous last dim and 16-byte aligned strides are read and written
+    through 4-d TMA tensor descriptors (out-of-range rows of one (batch, head) read as 0 and are not written);
+    anything else (fp32, D = 80/96, odd strides) takes masked pointer loads.
+  - Causal query tiles are launched longest first (the program id runs over query tiles in reverse), so the
+    cheap tiles fill the tail of the grid.
+  - Autotune configs are pruned by an estimate of the shared memory the compiled kernel uses (SMEM_ESTIMATES,
+    checked against sm_90a compiles): the q tile plus num_stages buffers of K and V tiles.
+  Compiled for sm_90a (bf16, D = 128, static prediction; no GPU has run it): 138 registers at 128 x 64 / 8 warps
+  and 190-199 at 128 x 128, no spills, wgmma for both dots, a 354-instruction unmasked loop (the tutorial's: 361).
 
 Backward (FlashAttention-2 schedule, one pass over K/V, atomic dq):
     preprocess:  delta[i] = sum_d o[i, d] * do[i, d],  lse2[i] = lse[i] * log2(e)   (+inf where lse = -inf)
@@ -67,8 +81,11 @@ Trade-offs
   head's dq buffer is T*D*4 bytes), an extra zeroed fp32 buffer of B*H*T*D*4 bytes, one scale-and-cast pass over it,
   and run-to-run dq bits. The dq matmul (M = 32 rows) runs on mma.sync, not wgmma: a transposed wgmma form
   (dq^T = k^T ds^T) compiled to 28-byte spills at the same register cap.
-- Decode (T = 1) uses the same kernel with a mostly-masked query tile: correct, not the fastest (a split-K
-  "flash-decoding" kernel would spread S over more programs when B*H is small).
+- No warp specialization in the forward: Triton 3.9's Hopper pass leaves the 8-warp loops unchanged and fails on
+  the 4-warp ones, so the WARP_SPECIALIZE constexpr (tl.range(..., warp_specialize=...)) is in no config; the
+  overlap of softmax and matmuls is left to the software pipeliner (num_stages K/V buffers, async wgmma).
+- Decode (T <= 16 over a long KV cache with few kv heads) goes to kernels/flash_decoding.py, which splits the KV
+  length over programs and merges the partial softmaxes; otherwise it is this kernel with a mostly-masked q tile.
 - An explicit `attn_mask` is not fused: `attention(..., attn_mask=m)` runs `attention_ref` (materialises scores).
 
 Dispatch (see kernels/_dispatch.py): CUDA tensors run compiled, autotuned Triton; CPU tensors run `attention_ref`
@@ -114,7 +131,7 @@ _new_empty = torch.empty
 if tl is not None:
 
     def _attn_fwd_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
-        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+        q_src, k_src, v_src, o_dst, lse_ptr,  # q/k/v/o: 4-d TMA tensor descriptors if TMA, else pointers
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
@@ -124,10 +141,13 @@ if tl is not None:
         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1).to(tl.int64)
-        off_b = pid_bh // H
+        if CAUSAL:  # the last query tiles see the most keys: launch them first (less tail imbalance)
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_bh = tl.program_id(1)
+        off_b = pid_bh // H  # int32: TMA coordinates; pointer offsets below are int64
         off_h = pid_bh % H
         off_hk = off_h // GROUP
         start_m = pid_m * BLOCK_M
@@ -137,56 +157,95 @@ if tl is not None:
         m_ok = offs_m < T
         d_ok = offs_d < HEAD_DIM
 
-        # q tile (BLOCK_M, BLOCK_D), resident for the whole loop
-        q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh
-                    + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        # q tile (BLOCK_M, BLOCK_D), resident for the whole loop; rows past T read as 0 (never stored)
+        if TMA:
+            q = q_src.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = tl.load(q_src + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+                        + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
-        k_base = k_ptr + off_b * stride_kb + off_hk * stride_kh
-        v_base = v_ptr + off_b * stride_vb + off_hk * stride_vh
+        if not TMA:
+            k_base = k_src + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+            v_base = v_src + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of qk * qk_scale
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        diag = S - T  # row i attends key j iff j <= i + diag (causal, bottom-right)
-        if CAUSAL:
-            hi = tl.minimum(S, start_m + BLOCK_M + diag)
+        # Key range [0, n_end) split at n_full: tiles below n_full are fully visible to every row of this query
+        # tile and fully inside S (no mask at all); tiles in [n_full, n_end) are the causal diagonal and/or the
+        # ragged last tile, masked. Row i sees key j iff j <= i + diag (causal, bottom-right aligned).
+        diag = S - T
+        s_full = S // BLOCK_N * BLOCK_N
+        if CAUSAL:  # the last key each row sees: one compare per score in the masked loop
+            last_key = tl.minimum(offs_m + diag, S - 1)
+            n_end = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), S)
+            n_full = tl.minimum(tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N, s_full)
         else:
-            hi = S
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            n_ok = cols < S
-            # K^T tile (BLOCK_D, BLOCK_N) and V tile (BLOCK_N, BLOCK_D)
-            kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_FP32:
-                kT = kT.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
-            qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet: avoid inf - inf
-            p = tl.math.exp2(qk - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-            m_i = m_new
+            n_end = S
+            n_full = s_full
+        for MASKED in tl.static_range(2):  # unrolled at compile time: two loops, MASKED a constexpr in each
+            if MASKED:
+                lo = n_full
+                hi = n_end
+            else:
+                lo = 0
+                hi = n_full
+            for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+                cols = start_n + offs_n
+                # K and V tiles (BLOCK_N, BLOCK_D); keys past S read as 0 and are masked below
+                if TMA:
+                    k = k_src.load([off_b, off_hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+                    v = v_src.load([off_b, off_hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+                else:
+                    k_ptrs = k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd
+                    v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd
+                    if MASKED:
+                        kv_ok = (cols < S)[:, None] & d_ok[None, :]
+                        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+                        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+                    elif HEAD_DIM == BLOCK_D:
+                        k = tl.load(k_ptrs)
+                        v = tl.load(v_ptrs)
+                    else:
+                        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+                        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+                if DOT_FP32:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), raw scores
+                # scale > 0 (checked by the launcher), so max(qk) * qk_scale is the max of the scaled scores and
+                # qk * qk_scale - m is one FFMA per score (a masked -inf stays -inf)
+                if MASKED:
+                    if CAUSAL:
+                        qk = tl.where(cols[None, :] <= last_key[:, None], qk, float("-inf"))
+                    else:
+                        qk = tl.where((cols < S)[None, :], qk, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: avoid inf - inf
+                    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+                    alpha = tl.math.exp2(m_i - m_use)
+                else:
+                    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+                    alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+                m_i = m_new
 
-        l_ok = l_i > 0.0
+        l_ok = l_i > 0.0  # False only for rows that attend nothing (causal, T > S)
         l_div = tl.where(l_ok, l_i, 1.0)
-        o = acc / l_div[:, None]  # rows that attend nothing: acc = 0 -> o = 0
+        o = acc * (1.0 / l_div)[:, None]  # rows that attend nothing: acc = 0 -> o = 0
         lse = tl.where(l_ok, (m_i + tl.math.log2(l_div)) * 0.6931471805599453, float("-inf"))
-        tl.store(o_ptr + off_b * stride_ob + off_h * stride_oh
-                 + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                 o.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-        tl.store(lse_ptr + pid_bh * T + offs_m, lse, mask=m_ok)
+        if TMA:  # the descriptor clips rows past T
+            o_dst.store([off_b, off_h, start_m, 0], o.to(o_dst.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+        else:
+            tl.store(o_dst + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+                     + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                     o.to(o_dst.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
 
     def _attn_bwd_preprocess_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations: constexprs only
         o_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr,
@@ -410,31 +469,69 @@ if tl is not None:
                  dq.to(dq_ptr.dtype.element_ty), mask=md_mask)
 
 
-def _configs(entries):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in entries]
-
-
 # Autotune lists for Hopper (BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4 stages), (BLOCK_M, BLOCK_N, num_warps,
 # num_stages); BLOCK_M tiles queries, BLOCK_N keys. Kept short on purpose: every config is compiled per (head dim,
 # causal, dtype), and compiling one takes seconds (bf16, D = 128: ~5-15 s on a 2-core VM; fp32 IEEE dots far longer).
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-_FALLBACK_CONFIG = (64, 32, 4, 2)  # fits shared memory for every supported dtype and head dim
+# Forward: (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize), chosen from sm_90a compiles (fp16/bf16 on
+# the TMA path: 107-199 registers at D 64-128, no spills). Pruned per launch by the shared memory the compiled
+# kernel uses (SMEM_ESTIMATES).
+# warp_specialize stays off: in Triton 3.9 Hopper's warp-specialization pass ignores these 8-warp loops (same SASS)
+# and fails to compile the 4-warp ones ("descriptor block and tensor must have the same number of elements"), as it
+# does for a minimal tutorial-style loop with 2-d descriptors.
+_FWD_CONFIGS = [(128, 64, 8, 3, False), (128, 64, 8, 2, False), (128, 128, 8, 2, False), (128, 128, 8, 3, False),
+                (64, 64, 4, 3, False)]
 _AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_FP32", "PRECISION"]
-_SMEM_BUDGET = 160 * 1024  # rough: stay well under the 227 KB an H100/H200 block may use
 _TINY_PROBLEM = 512 * 512  # T_BUCKET * S_BUCKET at or below this: no benchmarking, first fitting config
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose tiles obviously overflow shared memory (fp32 inputs, D = 128), prefer BLOCK_M = 64 for
-    short query blocks (decode), and skip benchmarking entirely for tiny problems."""
-    elem = named_args["q_ptr"].element_size()
-    block_d = kwargs["BLOCK_D"]
+_FWD_AUTOTUNE_KEY = _AUTOTUNE_KEY + ["TMA"]
+_FWD_FALLBACK_CONFIG = (64, 32, 4, 2, False)  # fits shared memory for every supported dtype and head dim
+# fp32 inputs run IEEE FMA dots (no tensor cores), whose operands live in registers: at D = 128 every 16-bit
+# config spills tens of KB (64 x 32 / 4 warps: 32 KB); 32 x 32 tiles spill 1.7 KB. Correctness path, not speed.
+_FWD_FP32_CONFIG = (32, 32, 4, 2, False)
+_SMEM_LIMIT = 227 * 1024  # the most dynamic shared memory one block may use on an H100/H200
+
+
+def _fwd_block_shapes(nargs: dict[str, Any]) -> None:
+    """Autotune pre_hook: give the TMA descriptors this config's box (the block shape is part of the compiled
+    signature, so it must be set before the launch binds the arguments)."""
+    if nargs.get("TMA"):
+        for name, rows in (("q_src", "BLOCK_M"), ("o_dst", "BLOCK_M"), ("k_src", "BLOCK_N"), ("v_src", "BLOCK_N")):
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
+
+
+def _fwd_configs(entries=None):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s,
+                          pre_hook=_fwd_block_shapes)
+            for m, n, w, s, ws in (entries or _FWD_CONFIGS)]
+
+
+def _fwd_smem_bytes(named_args: dict[str, Any], config: Any) -> int:
+    """Shared memory the compiled forward uses (an upper bound, checked against sm_90a compiles of every config
+    at D 64/128, fp16/bf16/fp32): the q tile, num_stages buffers of K and V tiles, and the layout-conversion
+    scratch of the epilogue/reductions, which never exceeds one BLOCK_M x BLOCK_D fp32 tile's share."""
+    elem = named_args["q_src"].element_size() if isinstance(named_args["q_src"], Tensor) \
+        else named_args["q_src"].base.element_size()
+    bm, bn, bd = named_args["BLOCK_M"], named_args["BLOCK_N"], named_args["BLOCK_D"]
+    stages = max(config.num_stages, 1)
+    return elem * bd * (bm + 2 * bn * stages) + 1024
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """Keep the forward configs whose compiled shared memory fits the 227 KB a Hopper block may use, and on the
+    pointer path only tiles up to 128 x 64 (its per-element addresses take 255 registers and spill at 128 x 128);
+    fp32 inputs get one small-tile config (_FWD_FP32_CONFIG);
+    prefer BLOCK_M = 64 for short query blocks (decode); skip benchmarking entirely for tiny problems."""
     t, s = named_args["T_BUCKET"], named_args["S_BUCKET"]
+    if kwargs.get("PRECISION") == "ieee":
+        return _fwd_configs([_FWD_FP32_CONFIG])
+    est = SMEM_ESTIMATES["_attn_fwd_kernel"]
 
-    def smem(c):
-        return elem * block_d * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.num_stages
+    def fits(c):
+        small = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64
+        return est({**named_args, **kwargs, **c.all_kwargs()}, c) <= _SMEM_LIMIT and (kwargs.get("TMA") or small)
 
-    kept = [c for c in configs if smem(c) <= _SMEM_BUDGET] or _configs([_FALLBACK_CONFIG])
+    kept = [c for c in configs if fits(c)] or _fwd_configs([_FWD_FALLBACK_CONFIG])
     if t <= 64:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] == 64] or kept
     if t * s <= _TINY_PROBLEM:
@@ -460,8 +557,7 @@ def _jit_with_helpers(jit: Any, fn: Any, **helpers: Any) -> Any:
 _BWD_DKDV_CONFIGS = [(32, 128, 8, 2, 232), (32, 128, 8, 3, 232)]
 _BWD_DQ_CONFIGS = [(128, 32, 8, 2, 232), (128, 64, 8, 2, 232)]
 _BWD_FALLBACK_CONFIG = (32, 32, 4, 1, None)  # fits shared memory for fp32 at D = 128
-_BWD_AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_FP32", "PRECISION"]
-_SMEM_LIMIT = 227 * 1024  # shared memory one H100/H200 block may use
+_BWD_AUTOTUNE_KEY = _AUTOTUNE_KEY
 
 
 def _bwd_configs(entries):
@@ -488,7 +584,10 @@ def _dq_smem(named_args: dict, config: Any) -> int:
     return elem * d * (2 * m + 2 * n * config.num_stages) + 1024
 
 
-SMEM_ESTIMATES: dict[str, Callable[[dict, Any], int]] = {
+# Shared memory each autotuned kernel is assumed to use, by kernel name: (launch args by name merged with the
+# config's kwargs, config) -> bytes. Pruning uses the same functions; the budget tests check them against compiles.
+SMEM_ESTIMATES: dict[str, Callable[[dict[str, Any], Any], int]] = {
+    "_attn_fwd_kernel": _fwd_smem_bytes,
     "_attn_bwd_dkdv_kernel": _dkdv_smem,
     "_attn_bwd_dq_kernel": _dq_smem,
 }
@@ -515,9 +614,8 @@ def _kernels(interpret: bool) -> tuple[Any, Any, Any, Any]:
     dq = _jit_with_helpers(jit, _attn_bwd_dq_kernel, _attn_bwd_q_step=jit(_attn_bwd_q_step))
     pre = jit(_attn_bwd_preprocess_kernel)
     if not interpret:
-        tune = lambda cfgs: triton.autotune(  # noqa: E731
-            _configs(cfgs), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs})
-        fwd = tune(_FWD_CONFIGS)(fwd)
+        fwd = triton.autotune(_fwd_configs(), key=_FWD_AUTOTUNE_KEY,
+                              prune_configs_by={"early_config_prune": _prune_fwd_configs})(fwd)
         tune_bwd = lambda cfgs, name, key: triton.autotune(  # noqa: E731
             _bwd_configs(cfgs), key=key,
             prune_configs_by={"early_config_prune": functools.partial(_prune_bwd_configs, name)})
@@ -551,6 +649,14 @@ def _check_triton_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"got {q.dtype} and D={q.shape[-1]}")
 
 
+def _tma_ok(*tensors: Tensor) -> bool:
+    """TMA descriptors need 16-bit elements here (wgmma dots; fp32 IEEE dots gain nothing), a contiguous last dim
+    that is a power of two (no padding in the box), 16-byte aligned base and strides, and no empty dimension."""
+    return all(t.dtype in (torch.float16, torch.bfloat16) and t.stride(-1) == 1 and t.shape[-1] >= 16
+               and t.shape[-1] & (t.shape[-1] - 1) == 0 and t.data_ptr() % 16 == 0 and min(t.shape) > 0
+               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Triton forward. q (B, H, T, D), k/v (B, H_kv, S, D) -> o (B, H, T, D) in q.dtype, lse (B, H, T) fp32."""
     if use_flash_decoding(q, k):  # few new tokens, long KV, small B * H_kv: split the KV length (flash_decoding.py)
@@ -558,18 +664,30 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
     _check_triton_inputs(q, k, v)
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
+    if scale <= 0:  # the kernel takes the row max before scaling, which needs scale > 0
+        return _attention_fwd_ref(q, k, v, causal, scale)
     o = _new_empty((B, H, T, D), dtype=q.dtype, device=q.device)  # (B, H, T, D)
     lse = _new_empty((B, H, T), dtype=torch.float32, device=q.device)  # (B, H, T)
     if o.numel() == 0:
         return o, lse
     interpret, common, (t_bucket, s_bucket) = _launch_params(q, T, S)
     fwd, _, _, _ = _kernels(interpret)
+    tma = _tma_ok(q, k, v, o)
+    srcs: tuple[Any, ...] = (q, k, v, o)
+    if tma:  # 4-d descriptors: out-of-range rows of a (b, h) slice read as 0 and are never written
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        # the box is set per autotune config by _fwd_block_shapes; the interpreter's fixed one is set here
+        bm, bn = (INTERPRET_BLOCK_M, INTERPRET_BLOCK_N) if interpret else (16, 16)
+        srcs = tuple(TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, common["BLOCK_D"]])
+                     for x, rows in ((q, bm), (k, bn), (v, bn), (o, bm)))
+    extra = dict(WARP_SPECIALIZE=False) if interpret else {}
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     fwd[grid](
-        q, k, v, o, lse,
+        *srcs, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // H_kv, T, S, scale * _LOG2E, t_bucket, s_bucket,
-        CAUSAL=causal, **common,
+        CAUSAL=causal, TMA=tma, **common, **extra,
     )
     return o, lse
 

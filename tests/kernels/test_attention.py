@@ -147,6 +147,80 @@ def test_custom_scale_and_default():
                                                                   scale=16 ** -0.5))
 
 
+def _check_forward(q, k, v, causal, scale=None):
+    """o and lse of attention_forward against float64; o under the tolerance rule of its dtype."""
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    o, lse = A.attention_forward(q, k, v, causal, scale)
+    ref_o, ref_lse = A._attention_fwd_ref(q.double(), k.double(), v.double(), causal, scale)
+    assert o.dtype == q.dtype and torch.isfinite(o).all() and not torch.isnan(lse).any()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))  # -inf exactly for rows that attend nothing
+    seen = ~torch.isinf(ref_lse)
+    assert_close_fp32(lse[seen], ref_lse[seen].float())
+    if q.dtype == torch.float32:
+        assert_close_fp32(o, ref_o)
+    else:
+        assert_half_within_torch_error(o, _torch_in_dtype(q, k, v, causal, scale), ref_o, q.dtype)
+
+
+# (B, H, H_kv, T, S, D) for the forward's two loops: unmasked full tiles, then the causal diagonal and the ragged
+# last key tile (masked); diag = S - T not a multiple of the block, T > S (empty rows), exact multiples
+FWD_SHAPES = [
+    (1, 2, 1, 2 * BM, 3 * BN, 32),           # exact tiles: only the diagonal is masked (causal); nothing (full)
+    (1, 2, 2, BM + 1, 3 * BN + 5, 64),       # ragged last key tile, diag = 2 * BN + 4
+    (2, 4, 2, 2 * BM + 3, BN - 1, 16),       # T > S: rows below T - S attend nothing under causal
+    (1, 1, 1, 1, 2 * BN + 1, 64),            # decode: one row sees every key
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["tma", "pointer"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", FWD_SHAPES, ids=lambda s: "B{}H{}Hkv{}T{}S{}D{}".format(*s))
+def test_forward_tma_and_pointer_paths(shape, causal, dtype, path, monkeypatch):
+    """16-bit inputs with a power-of-two D take TMA descriptors; the pointer path must give the same answers."""
+    B, H, H_kv, T, S, D = shape
+    q, k, v, _ = _inputs(B, H, H_kv, T, S, D, dtype, seed_key=("fwd-path", shape, causal, str(dtype)))
+    assert A._tma_ok(q, k, v)
+    if path == "pointer":
+        monkeypatch.setattr(A, "_tma_ok", lambda *tensors: False)
+    from triton.tools import tensor_descriptor
+
+    made = []  # the launcher builds one descriptor per q, k, v, o on the TMA path, none on the pointer path
+    real = tensor_descriptor.TensorDescriptor
+    monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    _check_forward(q, k, v, causal)
+    assert len(made) == (4 if path == "tma" else 0)
+
+
+@needs_triton
+def test_forward_odd_strides_take_the_pointer_path():
+    """A row stride that is not 16-byte aligned (a slice of a wider buffer) cannot be a TMA descriptor."""
+    q, k, v, _ = _inputs(1, 2, 1, BM + 3, 2 * BN + 3, 36, torch.float16, seed_key="odd-strides")
+    q, k, v = (x[..., :32] for x in (q, k, v))  # row stride 36 halves = 72 bytes
+    assert not A._tma_ok(q, k, v) and not q.is_contiguous()
+    _check_forward(q, k, v, True)
+
+
+def test_tma_rules():
+    """Which inputs may use TMA descriptors: 16-bit, power-of-two D >= 16, contiguous last dim, aligned strides."""
+    x = torch.empty(1, 2, 8, 64, dtype=torch.bfloat16)
+    assert A._tma_ok(x)
+    assert not A._tma_ok(x.float())  # fp32: IEEE dots, no wgmma to feed
+    assert not A._tma_ok(torch.empty(1, 2, 8, 96, dtype=torch.float16))  # D not a power of two
+    assert not A._tma_ok(torch.empty(1, 2, 8, 8, dtype=torch.float16))  # 16-byte rows: below the box minimum
+    assert not A._tma_ok(x.transpose(2, 3))  # last dim not contiguous
+    assert not A._tma_ok(torch.empty(1, 2, 0, 64, dtype=torch.float16))  # empty
+
+
+@needs_triton
+def test_negative_scale_falls_back_to_reference():
+    """The kernel takes the row max before scaling (one FFMA per score), which needs scale > 0."""
+    q, k, v, _ = _inputs(1, 2, 1, 9, 13, 16, torch.float32, seed_key="neg-scale")
+    _check_forward(q, k, v, True, scale=-0.5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # backward launcher directly: the masked-diagonal / steady-state split, atomic and deterministic dq
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,14 +452,15 @@ def test_kernels_compile_for_hopper():
     process: catches type/shape errors in the compiled path the interpreter does not see. One bf16 config; shared
     memory checked."""
     attn = dict(CAUSAL=True, HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, DOT_FP32=False, PRECISION="tf32")
+    fwd = dict(attn, TMA=False, WARP_SPECIALIZE=False)  # the pointer path (a hand-written signature has no TMA)
     # the backward dk/dv and dq kernels call jitted helpers: test_backward_compiles_for_hopper compiles them
-    kernels_consts = [("_attn_fwd_kernel", attn),
+    kernels_consts = [("_attn_fwd_kernel", fwd),
                       ("_attn_bwd_preprocess_kernel", dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64))]
     jobs = []
     for name, consts in kernels_consts:
         params = inspect.signature(getattr(A, name)).parameters
         fp32 = ("lse_ptr", "lse2_ptr", "delta_ptr")
-        ptrs = {p: "*fp32" if p in fp32 else "*bf16" for p in params if p.endswith("_ptr")}
+        ptrs = {p: "*fp32" if p in fp32 else "*bf16" for p in params if p.endswith(("_ptr", "_src", "_dst"))}
         jobs.append(["kernels.flash_attention", name, consts, 4, ptrs, ["qk_scale", "scale"], [], {"num_stages": 3}])
     for out in aot_compile_sm90(jobs):
         assert out["cubin"] and out["shared"] <= 227 * 1024, out["name"]
@@ -450,17 +525,34 @@ def test_backward_compiles_for_hopper(tmp_path):
 
 
 @pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
-def test_autotune_pruning():
-    """GPU autotune config pruning (pure Python): smem overflow, decode, tiny problems."""
-    cfgs = A._configs(A._FWD_CONFIGS)
-    args = lambda dtype, t, s: {"q_ptr": torch.empty(0, dtype=dtype), "T_BUCKET": t, "S_BUCKET": s}  # noqa: E731
-    big = A._prune_configs(cfgs, args(torch.bfloat16, 4096, 4096), BLOCK_D=128)
-    assert len(big) == len(cfgs)  # bf16 D=128: every Hopper config fits, all are benchmarked
-    fp32 = A._prune_configs(cfgs, args(torch.float32, 4096, 4096), BLOCK_D=128)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in fp32] == [A._FALLBACK_CONFIG[:2]]
-    decode = A._prune_configs(cfgs, args(torch.bfloat16, 1, 8192), BLOCK_D=128)
+def test_forward_autotune_pruning():
+    """Forward config pruning (pure Python): by the compiled shared memory estimate, decode, tiny problems."""
+    cfgs = A._fwd_configs()
+    est = A.SMEM_ESTIMATES["_attn_fwd_kernel"]
+
+    def prune(dtype, t, s, block_d, tma=True):
+        args = {"q_src": torch.empty(0, dtype=dtype), "T_BUCKET": t, "S_BUCKET": s}
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        return A._prune_fwd_configs(cfgs, args, BLOCK_D=block_d, TMA=tma, PRECISION=precision)
+
+    def smem(dtype, c, block_d):
+        return est({"q_src": torch.empty(0, dtype=dtype), "BLOCK_D": block_d, **c.all_kwargs()}, c)
+
+    big = prune(torch.bfloat16, 4096, 4096, 128)
+    assert big == [c for c in cfgs if smem(torch.bfloat16, c, 128) <= A._SMEM_LIMIT]
+    assert len(big) == len(cfgs)  # bf16 D=128: every Hopper config fits 227 KB, all are benchmarked
+    fp32 = prune(torch.float32, 4096, 4096, 128)  # IEEE FMA dots: one small tile (register pressure)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in fp32] == [A._FWD_FP32_CONFIG[:3]]
+    assert smem(torch.float32, fp32[0], 128) <= A._SMEM_LIMIT
+    pointer = prune(torch.bfloat16, 4096, 4096, 128, tma=False)  # 128 x 128 tiles spill without TMA
+    assert pointer and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in pointer)
+    decode = prune(torch.bfloat16, 1, 8192, 128)
     assert decode and all(c.kwargs["BLOCK_M"] == 64 for c in decode)
-    assert len(A._prune_configs(cfgs, args(torch.float16, 256, 256), BLOCK_D=64)) == 1
+    assert len(prune(torch.float16, 256, 256, 64)) == 1
+    # the estimate grows with every tile dimension and with the pipeline depth
+    c = cfgs[0]
+    assert smem(torch.float32, c, 128) == 2 * smem(torch.float16, c, 128) - 1024
+    assert smem(torch.float16, c, 128) > smem(torch.float16, c, 64)
 
 
 @pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
