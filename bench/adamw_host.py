@@ -12,12 +12,13 @@ host; `launches_per_step` says how many).
 
 Gradients: ``grads="fresh"`` (default) gives every parameter a new ``.grad`` object at the same address before
 each step (outside the timed region), which is what ``zero_grad(set_to_none=True)`` plus the CUDA caching
-allocator gives a training loop; ``grads="same"`` keeps the same objects (``set_to_none=False``, or a CUDA graph).
+allocator gives a training loop; ``grads="same"`` keeps the same objects (``set_to_none=False``, or a CUDA graph);
+``grads="moved"`` gives new gradients at new addresses every step (the worst case: a new launch table each step).
 
 Memory: parameters and gradients are ``torch.empty`` (their pages are never touched); the optimizer state is real
 (fp32 exp_avg / exp_avg_sq, ~1 GB; bf16 + master adds 0.5 GB), made by the first, untimed step.
 
-    python -m bench.adamw_host [--dtype fp32|bf16-master|both] [--steps 50] [--grads fresh|same] [--json]
+    python -m bench.adamw_host [--dtype fp32|bf16-master|both] [--steps 50] [--grads fresh|same|moved] [--json]
 
 A benchmark measures and reports: nothing here asserts a time.
 """
@@ -80,10 +81,19 @@ def _optimizer(dtype: str, shapes: Sequence[tuple[int, ...]]) -> tuple[Any, list
     return opt, params
 
 
-def _fresh_grads(params: list[torch.Tensor]) -> None:
-    """New .grad objects at the same addresses (what set_to_none=True and the caching allocator give)."""
-    for p in params:
-        p.grad = p.grad.view_as(p.grad)  # type: ignore[union-attr]
+GRADS = ("fresh", "same", "moved")
+
+
+def _new_grads(params: list[torch.Tensor], grads: str, keep: list) -> None:
+    """fresh: new .grad objects at the same addresses (what set_to_none=True and the caching allocator give);
+    moved: new gradients at new addresses (the previous ones are kept alive in `keep` so nothing is reused)."""
+    if grads == "fresh":
+        for p in params:
+            p.grad = p.grad.view_as(p.grad)  # type: ignore[union-attr]
+    elif grads == "moved":
+        keep[:] = [p.grad for p in params]
+        for p in params:
+            p.grad = torch.empty_like(p)
 
 
 def host_time_per_step(dtype: str = "fp32", steps: int = 50, *, warmup: int = 3, grads: str = "fresh",
@@ -93,18 +103,18 @@ def host_time_per_step(dtype: str = "fp32", steps: int = 50, *, warmup: int = 3,
     Returns dtype, grads, steps, median_ms / min_ms / max_ms of the timed steps, first_step_ms (state creation and
     plan build: not steady state), n_param_tensors, n_params, launches_per_step, programs_per_step (sum of the
     launch grids) and the machine (CPU, threads, torch / triton versions)."""
-    if grads not in ("fresh", "same"):
-        raise ValueError("grads must be 'fresh' or 'same'")
+    if grads not in GRADS:
+        raise ValueError(f"grads must be one of {GRADS}, got {grads!r}")
     shapes = list(shapes) if shapes is not None else gpt2_shapes()
     opt, params = _optimizer(dtype, shapes)
     times: list[float] = []
+    keep: list = []
     with _recording() as launches:
         t0 = time.perf_counter()
         opt.step()
         first = time.perf_counter() - t0
         for i in range(warmup + steps):
-            if grads == "fresh":
-                _fresh_grads(params)
+            _new_grads(params, grads, keep)
             before = len(launches)
             t0 = time.perf_counter()
             opt.step()
@@ -147,7 +157,8 @@ def _machine() -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:  # pragma: no cover - triton is installed wherever the kernels are benchmarked
         triton_version = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
 
 
@@ -155,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.adamw_host", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--grads", choices=["fresh", "same"], default="fresh")
+    ap.add_argument("--grads", choices=GRADS, default="fresh")
     ap.add_argument("--json", action="store_true", help="print one JSON object per dtype")
     args = ap.parse_args(argv)
     if args.steps < 1:
@@ -170,7 +181,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"{r['n_params'] / 1e6:.1f}M params, grads {r['grads']}): median {r['median_ms']:.3f} ms "
                   f"(min {r['min_ms']:.3f}, max {r['max_ms']:.3f}, {r['steps']} steps), "
                   f"{r['launches_per_step']} launches / {r['programs_per_step']} programs per step "
-                  f"[launches recorded, not run; first step {r['first_step_ms']:.0f} ms]")
+                  f"[launches recorded, not run; first step {r['first_step_ms']:.0f} ms; "
+                  f"load {r['machine']['load_avg_1min']:.1f} on {r['machine']['cpu_count']} CPUs]")
     return 0
 
 

@@ -376,7 +376,8 @@ def _triton_path_on_cpu() -> Iterator[None]:
 class _Plan:
     """What one parameter group's step launches, kept between steps: the group's tensors split into buckets,
     each with its step counts packed in one fp32 tensor and its launch table. `matches` says whether it still
-    describes the group (see FusedAdamW's docstring, "Caching")."""
+    describes the group (see FusedAdamW's docstring, "Caching"). It holds no gradient: a gradient freed by
+    ``zero_grad(set_to_none=True)`` is really freed, and the next backward can reuse its memory and address."""
 
     def __init__(self, group: dict[str, Any], state: Any, grads: list[Optional[torch.Tensor]],
                  buckets: list[tuple[list[int], _Bucket, bool]]):
@@ -384,33 +385,25 @@ class _Plan:
         self.params = list(group["params"])
         self.param_ptrs = [p.data_ptr() for p in self.params]
         self.amsgrad, self.master_weights = group["amsgrad"], group["master_weights"]
-        self.grads = grads  # as of the last step: the same objects again means nothing to re-check
         self.has_grad = [g is not None for g in grads]
-        self.buckets = buckets  # (indices into the group's params, bucket, runs the Triton kernel)
+        self.buckets = buckets  # (indices into the group's params, bucket, layout fit for the Triton kernel)
 
     def matches(self, group: dict[str, Any], state: Any, grads: list[Optional[torch.Tensor]]) -> bool:
         params = group["params"]
-        return (
+        if not (
             self.group is group and self.state is state
             and self.amsgrad == group["amsgrad"] and self.master_weights == group["master_weights"]
             and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
             and list(map(torch.Tensor.data_ptr, params)) == self.param_ptrs  # `p.data = other` moves it
-            and (all(map(operator.is_, grads, self.grads)) or self._grads_fit(grads))
-        )
-
-    def _grads_fit(self, grads: list[Optional[torch.Tensor]]) -> bool:
-        """New gradient objects: the same parameters have one, of the same dtype (layout is handled per step)."""
-        if [g is not None for g in grads] != self.has_grad:
+            and [g is not None for g in grads] == self.has_grad
+        ):
             return False
-        for idx, bucket, _ in self.buckets:
-            if set(map(_dtype_of, (grads[i] for i in idx))) != {bucket.grad_dtype}:
-                return False
-        self.grads = grads
-        return True
+        # the same gradient dtype per bucket (a parameter's grad_dtype can be changed)
+        return all(set(map(_dtype_of, (grads[i] for i in idx))) == {bucket.grad_dtype}
+                   for idx, bucket, _ in self.buckets)
 
-    def step(self, hyper: dict[str, Any], grad_scale: Optional[torch.Tensor],
-             found_inf: Optional[torch.Tensor]) -> None:
-        grads = self.grads
+    def step(self, grads: list[Optional[torch.Tensor]], hyper: dict[str, Any],
+             grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
         for idx, bucket, contiguous in self.buckets:
             gs: list[torch.Tensor] = [grads[i] for i in idx]  # type: ignore[misc]
             if not all(map(torch.Tensor.is_contiguous, gs)):
@@ -443,11 +436,11 @@ class FusedAdamW(torch.optim.Optimizer):
     in O(number of tensors) Python with no tensor op: the group and ``self.state`` are the same objects
     (`load_state_dict` replaces both), the group holds the same parameter objects in the same order, each
     parameter's ``data_ptr()`` is unchanged (``p.data = other`` and ``module.to(...)`` move it), ``amsgrad`` and
-    ``master_weights`` are unchanged, and -- only when the ``.grad`` objects differ from the last step's -- the same
-    parameters have a gradient, of the same dtype. Any difference rebuilds the plan. New gradient addresses only
-    pick another launch table (cached per address set). Not detected, so call `invalidate()` after them:
-    replacing or deleting state tensors by hand (``opt.state[p]["exp_avg"] = t``), and in-place metadata changes
-    that keep a parameter's address (``p.data = p.data[:k]``, ``p.resize_()``, ``p.set_()``).
+    ``master_weights`` are unchanged, and the same parameters have a gradient, of the same dtype per bucket. Any
+    difference rebuilds the plan. New gradient addresses only pick another launch table (cached per address set);
+    a non-contiguous gradient is copied contiguous for the launch. Not detected, so call `invalidate()` after
+    them: replacing or deleting state tensors by hand (``opt.state[p]["exp_avg"] = t``), and in-place metadata
+    changes that keep a parameter's address (``p.data = p.data[:k]``, ``p.resize_()``, ``p.set_()``).
     """
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf instead of unscaling
@@ -542,7 +535,7 @@ class FusedAdamW(torch.optim.Optimizer):
             lr = group["lr"]
             hyper = dict(lr=lr.item() if isinstance(lr, torch.Tensor) else lr, beta1=beta1, beta2=beta2,
                          eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-            plan.step(hyper, grad_scale, found_inf)
+            plan.step(grads, hyper, grad_scale, found_inf)
         return loss
 
     def _build(self, group: dict[str, Any], grads: list[Optional[torch.Tensor]]) -> _Plan:

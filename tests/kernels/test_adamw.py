@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import weakref
 import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # normally set by tests/kernels/conftest.py
@@ -407,7 +408,7 @@ class _CountDataPtr:
 
 def test_plan_is_built_once_and_reused():
     """Later steps reuse the plan (no rebuild) whether the .grad objects are new each step (set_to_none) or the
-    same; with the same gradients no launch table is made either."""
+    same; with the same gradients no launch table is made either; the plan keeps no gradient alive."""
     key = "reuse"
     ref, fused, ref_params, fused_params = _pair(SHAPES, key)
     _step_both(ref, fused, ref_params, fused_params, 0, key)
@@ -419,6 +420,9 @@ def test_plan_is_built_once_and_reused():
     tables = [dict(b.tables) for plan in fused._plans for _, b, _ in plan.buckets]
     _step_both(ref, fused, ref_params, fused_params, 4, key, in_place=True)
     assert fused._n_builds == 2 and all(a is b for a, b in zip(fused._plans, plans))
+    grad = weakref.ref(fused_params[0].grad)
+    fused.zero_grad(set_to_none=True)
+    assert grad() is None  # freed: the next backward may reuse its memory
     after = [b.tables for plan in fused._plans for _, b, _ in plan.buckets]
     assert all(a.keys() == b.keys() and all(a[k] is b[k] for k in a) for a, b in zip(tables, after))
     _compare_state(fused, ref, fused_params, ref_params)
