@@ -15,8 +15,9 @@ each step (outside the timed region), which is what ``zero_grad(set_to_none=True
 allocator gives a training loop; ``grads="same"`` keeps the same objects (``set_to_none=False``, or a CUDA graph);
 ``grads="moved"`` gives new gradients at new addresses every step (the worst case: a new launch table each step).
 
-Memory: parameters and gradients are ``torch.empty`` (their pages are never touched); the optimizer state is real
-(fp32 exp_avg / exp_avg_sq, ~1 GB; bf16 + master adds 0.5 GB), made by the first, untimed step.
+Memory: parameters, gradients and the optimizer state (the tensors FusedAdamW would create, made here with
+``torch.empty``) are never touched, since no kernel runs: a GPT-2 run needs little memory and starts in well under
+a second. The first step (plan build) is untimed and reported apart.
 
     python -m bench.adamw_host [--dtype fp32|bf16-master|both] [--steps 50] [--grads fresh|same|moved] [--json]
 
@@ -78,6 +79,12 @@ def _optimizer(dtype: str, shapes: Sequence[tuple[int, ...]]) -> tuple[Any, list
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = FusedAdamW([g for g in groups if g["params"]], lr=6e-4, betas=(0.9, 0.95),
                      master_weights=dtype == "bf16-master")
+    for p in params:  # the state FusedAdamW would create, left uninitialised: the launches are never run
+        state = opt.state[p]
+        state["step"] = torch.zeros(())
+        state["exp_avg"], state["exp_avg_sq"] = torch.empty(p.shape), torch.empty(p.shape)
+        if dtype == "bf16-master":
+            state["master_param"] = torch.empty(p.shape)
     return opt, params
 
 
@@ -100,8 +107,8 @@ def host_time_per_step(dtype: str = "fp32", steps: int = 50, *, warmup: int = 3,
                        shapes: Optional[Sequence[tuple[int, ...]]] = None) -> dict[str, Any]:
     """Time ``FusedAdamW.step()`` on the host (launches recorded, not run); milliseconds per step.
 
-    Returns dtype, grads, steps, median_ms / min_ms / max_ms of the timed steps, first_step_ms (state creation and
-    plan build: not steady state), n_param_tensors, n_params, launches_per_step, programs_per_step (sum of the
+    Returns dtype, grads, steps, median_ms / min_ms / max_ms of the timed steps, first_step_ms (the plan build: not
+    steady state), n_param_tensors, n_params, launches_per_step, programs_per_step (sum of the
     launch grids) and the machine (CPU, threads, torch / triton versions)."""
     if grads not in GRADS:
         raise ValueError(f"grads must be one of {GRADS}, got {grads!r}")
@@ -138,7 +145,7 @@ def capture_step(dtype: str = "fp32", shapes: Optional[Sequence[tuple[int, ...]]
     parameters (or ``shapes``), fp32 or bf16 with fp32 master weights: feed them to `bench.sm90.compile_launch`."""
     opt, _ = _optimizer(dtype, list(shapes) if shapes is not None else gpt2_shapes())
     with _recording() as launches:
-        opt.step()  # creates the state and builds the plan
+        opt.step()  # builds the plan
         first = len(launches)
         opt.step()
     return launches[first:]

@@ -552,12 +552,20 @@ def test_host_time_function_reports_sane_fields():
         H.host_time_per_step("fp16", steps=1, shapes=shapes)
 
 
-def test_gpt2_shapes():
+def test_host_time_gpt2(monkeypatch, capsys):
+    """The real thing, one timed step: GPT-2 124M's 148 tensors, two launches, 3,892 programs of 32k elements;
+    and the CLI prints it."""
     from bench import adamw_host as H
 
+    monkeypatch.setattr(A, "_CHUNK", REAL_CHUNK)
     shapes = H.gpt2_shapes()
     assert len(shapes) == 148 and sum(math.prod(s) for s in shapes) == 124_439_808
     assert shapes[0] == (50257, 768) and shapes[1] == (1024, 768)
+    r = H.host_time_per_step("fp32", steps=1, warmup=0)
+    assert (r["n_param_tensors"], r["n_params"], r["launches_per_step"]) == (148, 124_439_808, 2)
+    assert r["programs_per_step"] == sum(-(-math.prod(s) // REAL_CHUNK) for s in shapes) == 3892
+    assert H.main(["--dtype", "bf16-master", "--steps", "1", "--grads", "moved"]) == 0
+    assert "GPT-2 124M bf16-master" in capsys.readouterr().out
 
 
 def test_skips_params_without_grad_and_handles_non_contiguous():
