@@ -26,9 +26,11 @@ Design:
 - Vector width and registers: 4 warps, 4 elements per thread and piece, so every fp32 stream (grad, param, m, v,
   v_max, master) is one 16-byte access per thread; 16-bit params and grads are 8-byte accesses (8 elements per
   thread would give them 16 bytes, but Triton then lays the fp32 streams out differently and converts through
-  shared memory: 76+ registers and 4 KB, measured). Compiled for sm_90a: 40-46 registers, no spills, no shared
-  memory (bench/adamw_host.py and the kernel report show it). Addresses are hinted 16-byte aligned with
-  ``tl.multiple_of`` when the host has checked they are.
+  shared memory: 76+ registers and 4 KB, measured). Compiled for sm_90a on the CPU (a static prediction: no GPU
+  has run it): 40 registers fp32, 44 bf16 + master, 45-46 with AMSGrad and GradScaler (was 118-153), no spills,
+  no shared memory (bf16 was 8 KB); the unmasked inner loop is 237 SASS instructions per 512-element piece fp32,
+  266 bf16 + master (tests/kernels/test_adamw.py's slow test and the kernel report check the budget). Addresses
+  are hinted 16-byte aligned with ``tl.multiple_of`` when the host has checked they are.
 - The launch table (int64): each tensor's param / grad / exp_avg / exp_avg_sq / max_exp_avg_sq / master addresses
   and length, then a (tensor, chunk) pair per program. Built once per bucket; only the gradient row can change
   between steps, and a device copy is kept per set of gradient addresses (`_Bucket.table`), so a steady-state
@@ -40,8 +42,9 @@ Design:
 - Step counts are fp32 on the parameter's device (as torch's fused/capturable AdamW keeps them), packed in one
   tensor per bucket that a single ``add_`` advances (``state["step"]`` is a 0-dim view of it; a ``_foreach_add_``
   over 148 0-dim tensors cost ~0.3 ms of host time on the CPU), so nothing syncs with the host and the step can be
-  captured in a CUDA graph. ``lr`` and the other hyper-parameters are read from the group at each ``step()``
-  (schedulers work); inside a captured graph they are frozen at capture time.
+  captured in a CUDA graph (after warm-up steps have built the plan; a rebuild afterwards makes new packed
+  counts and tables, so re-capture then). ``lr`` and the other hyper-parameters are read from the group at each
+  ``step()`` (schedulers work); inside a captured graph they are frozen at capture time.
 - GradScaler: ``_step_supports_amp_scaling = True``; the scaler hands us ``grad_scale`` and ``found_inf`` tensors.
   Gradients are unscaled in registers (never written back) and, when ``found_inf`` is set, every program's
   element count is set to 0 (nothing is loaded or stored) and the step counts are not advanced -- on the device,
@@ -66,7 +69,7 @@ from torch.optim.optimizer import ParamsT
 
 from ._dispatch import interpreting, use_triton
 
-__all__ = ["FusedAdamW"]
+__all__ = ["FusedAdamW", "adamw_multi_tensor"]
 
 try:  # Triton is optional: without it every path is the reference.
     import triton
@@ -220,9 +223,10 @@ class _Bucket:
         max_exp_avg_sqs: Optional[list[torch.Tensor]], masters: Optional[list[torch.Tensor]], steps: torch.Tensor,
         grad_dtype: torch.dtype, chunk: Optional[int] = None, block: Optional[int] = None,
     ):
+        # held here because the table points at them
         self.params, self.exp_avgs, self.exp_avg_sqs = params, exp_avgs, exp_avg_sqs
-        self.max_exp_avg_sqs, self.masters, self.steps = max_exp_avg_sqs, masters, steps  # held: the table
-        self.grad_dtype = grad_dtype  # points at them
+        self.max_exp_avg_sqs, self.masters, self.steps = max_exp_avg_sqs, masters, steps
+        self.grad_dtype = grad_dtype
         self.device = params[0].device
         self.block = block or _BLOCK
         chunk = chunk or _CHUNK  # read at call time: tests shrink it to cross chunk boundaries cheaply

@@ -528,6 +528,7 @@ def test_step_counts_are_views_that_save_and_load(tmp_path):
     assert float(fused.state[fused_params[0]]["step"]) == 3.0  # the saved optimizer is not advanced by the copy
 
 
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
 def test_host_time_function_reports_sane_fields():
     """bench.adamw_host on small shapes: runs, records (never runs) the launches, reports consistent fields and
     leaves TRITON_INTERPRET as it was. No timing assertion."""
@@ -552,6 +553,7 @@ def test_host_time_function_reports_sane_fields():
         H.host_time_per_step("fp16", steps=1, shapes=shapes)
 
 
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
 def test_host_time_gpt2(monkeypatch, capsys):
     """The real thing, one timed step: GPT-2 124M's 148 tensors, two launches, 3,892 programs of 32k elements;
     and the CLI prints it."""
