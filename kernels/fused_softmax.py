@@ -45,7 +45,7 @@ from ._dispatch import interpreting, use_triton
 __all__ = ["softmax", "softmax_ref", "softmax_backward_ref", "softmax_forward", "softmax_backward"]
 
 _MAX_BLOCK = 32768  # rows up to this length run in one block (backward and causal forward: half as long)
-_ONLINE_BLOCK = 8192  # chunk of the online (two-pass) path for longer rows
+_ONLINE_BLOCK = 8192  # chunk of the online (two-pass) path for longer rows (16-bit; 32-bit: half)
 _EPT = 32  # fp32 values per thread in a tile (forward: of x; backward: of y and dy together)
 _REGS = 64  # registers per thread every one-block config fits in (so 1024 threads of tiles fit an SM)
 _SMEM_PER_SM = 228 * 1024  # H100 / H200 shared memory per SM
@@ -83,7 +83,9 @@ if tl is not None:
         rr = tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
         n_tiles = tl.cdiv(n_rows, ROWS)
-        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES, disable_licm=True):
+        x_pad = float("inf") if NEG else float("-inf")  # loaded for masked-off columns: -inf once negated
+        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES if SINGLE else 1,
+                             disable_licm=True):
             row = tile * ROWS + rr  # (ROWS,) int32 (row indices fit); addresses below in int64
             row_ok = row < n_rows
             # visible columns: j < limit (causal: j <= i + S - T for query row i = row % T), 0 for rows past the end
@@ -100,13 +102,13 @@ if tl is not None:
             x_row = x_ptr + row.to(tl.int64)[:, None] * stride_x  # (ROWS, 1)
             y_row = y_ptr + row.to(tl.int64)[:, None] * stride_y
             if SINGLE:  # whole rows in registers: read once, written once
-                if MASK_COLS:
-                    x = tl.load(x_row + cols, mask=cols < load_limit, other=0.0).to(tl.float32)
+                if MASK_COLS:  # columns past the load bound come in as -inf (after the negation)
+                    x = tl.load(x_row + cols, mask=cols < load_limit, other=x_pad).to(tl.float32)
                 else:  # N == BLOCK, no causal mask: only rows past the end are masked (uniform along a row)
                     x = tl.load(x_row + cols, mask=row_ok[:, None], other=0.0).to(tl.float32)
                 if NEG:
                     x = -x
-                if MASK_COLS:
+                if CAUSAL:  # columns in [limit, load_limit) were loaded (the 16-column rounding) but are not visible
                     x = tl.where(cols < limit, x, float("-inf"))
                 m = tl.max(x, axis=1)[:, None] * scale_log2e
                 m = tl.where(m == float("-inf"), 0.0, m)  # nothing visible: exp2(-inf) = 0, no NaN
@@ -119,30 +121,30 @@ if tl is not None:
                 else:
                     tl.store(y_row + cols, y, mask=row_ok[:, None])
             else:  # rows longer than one block (ROWS == 1): online softmax over BLOCK chunks, then a second pass
-                # pass 1: per-lane running max (of the unscaled x) and rescaled running sum
-                m_i = tl.full([ROWS, BLOCK], float("-inf"), tl.float32)
-                d_i = tl.zeros([ROWS, BLOCK], tl.float32)
+                # pass 1: running max and rescaled running sum, one chunk at a time (online softmax)
+                m = tl.full([ROWS, 1], float("-inf"), tl.float32)  # running max, scaled
+                d = tl.zeros([ROWS, 1], tl.float32)  # running sum of exp2(x * scale_log2e - m)
                 for start in tl.range(0, tl.max(limit), BLOCK, num_stages=STAGES):
                     c = start + cols
-                    x = tl.load(x_row + c, mask=c < load_limit, other=0.0).to(tl.float32)
+                    x = tl.load(x_row + c, mask=c < load_limit, other=x_pad).to(tl.float32)
                     if NEG:
                         x = -x
-                    x = tl.where(c < limit, x, float("-inf"))
-                    m_new = tl.maximum(m_i, x)
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new * scale_log2e)
-                    d_i = d_i * tl.exp2(m_i * scale_log2e - m_safe) + tl.exp2(x * scale_log2e - m_safe)
-                    m_i = m_new
-                m = tl.max(m_i, axis=1)[:, None] * scale_log2e
+                    if CAUSAL:
+                        x = tl.where(c < limit, x, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(x, axis=1)[:, None] * scale_log2e)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: all terms are 0
+                    d = d * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x * scale_log2e - m_safe), axis=1)[:, None]
+                    m = m_new
                 m = tl.where(m == float("-inf"), 0.0, m)
-                d = tl.sum(d_i * tl.exp2(m_i * scale_log2e - m), axis=1)[:, None]
                 inv = 1.0 / tl.where(d > 0.0, d, 1.0)
                 # pass 2: normalise and write every column (masked ones as 0); the re-read usually hits L2
                 for start in tl.range(0, N, BLOCK, num_stages=STAGES):
                     c = start + cols
-                    x = tl.load(x_row + c, mask=c < load_limit, other=0.0).to(tl.float32)
+                    x = tl.load(x_row + c, mask=c < load_limit, other=x_pad).to(tl.float32)
                     if NEG:
                         x = -x
-                    x = tl.where(c < limit, x, float("-inf"))
+                    if CAUSAL:
+                        x = tl.where(c < limit, x, float("-inf"))
                     y = (tl.exp2(x * scale_log2e - m) * inv).to(y_ptr.dtype.element_ty)
                     tl.store(y_row + c, y, mask=row_ok[:, None] & (c < N))
 
@@ -157,7 +159,8 @@ if tl is not None:
         rr = tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
         n_tiles = tl.cdiv(n_rows, ROWS)
-        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES, disable_licm=True):
+        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES if SINGLE else 1,
+                             disable_licm=True):
             row = tile * ROWS + rr  # (ROWS,)
             row_ok = row < n_rows
             if CAUSAL:
@@ -178,8 +181,9 @@ if tl is not None:
                     ld = cols < load_limit
                     y = tl.load(y_row + cols, mask=ld, other=0.0).to(tl.float32)
                     dy = tl.load(dy_row + cols, mask=ld, other=0.0).to(tl.float32)
-                    y = tl.where(cols < limit, y, 0.0)
-                    dy = tl.where(cols < limit, dy, 0.0)
+                    if CAUSAL:  # columns in [limit, load_limit) were loaded but are not visible
+                        y = tl.where(cols < limit, y, 0.0)
+                        dy = tl.where(cols < limit, dy, 0.0)
                 else:
                     y = tl.load(y_row + cols, mask=row_ok[:, None], other=0.0).to(tl.float32)
                     dy = tl.load(dy_row + cols, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -194,15 +198,21 @@ if tl is not None:
                 for start in tl.range(0, tl.max(limit), BLOCK, num_stages=STAGES):
                     c = start + cols
                     ld = c < load_limit
-                    y = tl.where(c < limit, tl.load(y_row + c, mask=ld, other=0.0).to(tl.float32), 0.0)
-                    dy = tl.where(c < limit, tl.load(dy_row + c, mask=ld, other=0.0).to(tl.float32), 0.0)
+                    y = tl.load(y_row + c, mask=ld, other=0.0).to(tl.float32)
+                    dy = tl.load(dy_row + c, mask=ld, other=0.0).to(tl.float32)
+                    if CAUSAL:
+                        y = tl.where(c < limit, y, 0.0)
+                        dy = tl.where(c < limit, dy, 0.0)
                     acc += y * dy
                 ss = tl.sum(acc, axis=1)[:, None] * scale
                 for start in tl.range(0, N, BLOCK, num_stages=STAGES):
                     c = start + cols
                     ld = c < load_limit
-                    y = tl.where(c < limit, tl.load(y_row + c, mask=ld, other=0.0).to(tl.float32), 0.0)
-                    dy = tl.where(c < limit, tl.load(dy_row + c, mask=ld, other=0.0).to(tl.float32), 0.0)
+                    y = tl.load(y_row + c, mask=ld, other=0.0).to(tl.float32)
+                    dy = tl.load(dy_row + c, mask=ld, other=0.0).to(tl.float32)
+                    if CAUSAL:
+                        y = tl.where(c < limit, y, 0.0)
+                        dy = tl.where(c < limit, dy, 0.0)
                     dx = (y * (dy * scale - ss)).to(dx_ptr.dtype.element_ty)
                     tl.store(dx_row + c, dx, mask=row_ok[:, None] & (c < N))
 
@@ -237,13 +247,13 @@ def _launch_config(N: int, elem_bytes: int, backward: bool, causal: bool = False
     second program on the SM).
     """
     n_in = 2 if backward else 1
-    # A causal mask costs a register per element (ptxas keeps every column index live): causal forward tiles
-    # hold half as many values per thread.
-    ept = _EPT // 2 if causal and not backward else _EPT
+    # A mask per element (causal, or rows not 16-divisible: scalar accesses) costs a register per element (ptxas
+    # keeps every column index live): such forward tiles, and backward tiles of odd rows, hold half as many values.
+    ept = _EPT // 2 if (causal and not backward) or N % 16 else _EPT
     warp_tile = 32 * ept // n_in  # elements of one row-tile a warp holds
     if N > _MAX_BLOCK * ept // (_EPT * n_in):  # longer than 32 warps hold: the online path, BLOCK-column chunks
-        block, rows, single = _ONLINE_BLOCK, 1, False
-        warps = max(1, min(32, block // warp_tile))
+        block, rows, single = max(16, _ONLINE_BLOCK * 2 // elem_bytes), 1, False
+        warps = 32  # with 8192 / 4096-column chunks: one 16-byte vector per thread per tensor
         ctas = 1  # one row per SM in flight: the pass-2 re-read stays in L2 (132 rows of up to 256 KB)
     else:
         block = max(16, 1 << max(0, (N - 1).bit_length()))
