@@ -11,19 +11,38 @@ aligned, as with a KV cache; T == S is the usual lower triangle). A row that see
 row whose visible entries are all -inf, returns zeros and a zero gradient instead of torch's NaN.
 
 Memory traffic per element, with b = bytes of the input dtype:
-- forward: read x once, write y once (2b), when the row fits one block (N <= ``_MAX_BLOCK``, 32768 columns).
-  Longer rows take the online path: one pass computes the running max and the rescaled running sum per lane
-  (Milakov & Gimelshein, "Online normalizer calculation for softmax"), a second pass re-reads x and writes y
-  (3b; the re-read of a row a program has just streamed usually hits L2).
-- backward: read y and dy, write dx (3b); long rows re-read y and dy (5b).
+- forward: read x once, write y once (2b), when the row fits one block (N <= 32768 columns; causal: 16384).
+  Longer rows take the online path: one pass over 8192-column chunks (fp32: 4096) keeps a running max and a
+  rescaled running sum (Milakov & Gimelshein, "Online normalizer calculation for softmax"), a second pass re-reads
+  x and writes y (3b, but the re-read of the row the program has just streamed should hit L2: one program per SM,
+  so 132 rows are in flight, 17 MB of 64k-column bf16 rows against the H100's 50 MB L2; rows of ~100k columns
+  and more would re-read from memory).
+- backward: read y and dy, write dx (3b) for rows up to 16384 columns; longer rows re-read y and dy (5b, L2:
+  34 MB in flight for 32k-column fp32 rows).
 - causal rows skip the loads of masked columns (they are written as zeros).
 
-Design trade-offs:
-- One program per row: rows of 1k-32k fill the GPU with independent work and need no cross-program reduction.
-  Rows up to 32k are held in registers in one block (num_warps grows with the block) so the common case is a
-  single read; longer rows trade a second read for unbounded length.
+Design (GPU speed is a static prediction from sm_90a compiles, never measured here):
+- Persistent grid: as many programs as are resident at once (SMs x programs per SM; the SM count from
+  torch.cuda for CUDA tensors, 132 otherwise, so a launch recorded with CPU tensors is the H100 / H200 one), each
+  looping over row tiles p, p + P, ... with ``tl.range(num_stages=3)``: Triton stages the next two tiles' loads in
+  shared memory with 16-byte cp.async, so they stream in while this tile reduces. More programs than fit would run
+  as a second wave (a tail where most SMs idle), so the launcher's programs-per-SM figure is checked against the
+  compiled registers and shared memory (tests/kernels/test_softmax.py).
+- A tile holds ``_EPT`` = 32 fp32 values per thread (backward: 16 of y and 16 of dy): one warp per 1024 values,
+  so a 1k row is one warp (reductions by shuffles only) and 32k rows take 32 warps. Short rows share a tile
+  (``ROWS`` x ``BLOCK``, e.g. 16 rows of 64). Every one-block config compiles to <= 64 registers, so 1024 threads
+  of tiles fit an SM: 32 / num_warps programs per SM (two at 16k columns for the forward). Per-element masks (causal,
+  rows not 16-divisible) make ptxas keep a column index per element in a register, so those tiles hold half as many
+  values (the causal forward at 16k: one 32-warp program per SM). The backward at 16k is one 32-warp program per
+  SM too: 16k fp32 pairs of (y, dy) are half the register file.
+- Pipeline buffers (two tiles) take shared memory; where they do not fit the programs per SM, fewer programs run
+  pipelined if at least two still fit, else the loop runs unpipelined and the second program on the SM overlaps
+  (fp32 forward at 16k-32k, fp32 backward at 8k-16k).
+- exp2(x * scale * log2(e) - m) is one FFMA: the max is taken on the unscaled x (scale < 0 negates x, a
+  constexpr; scale == 0 runs softmax(zeros)). The backward is dx = y * (scale * dy - scale * s): FFMA + multiply.
+- Rows with N == BLOCK and no causal mask load and store without column masks; other rows load masked-off columns
+  as -inf (the causal ``where`` only covers the 16-column rounding of the load bound).
 - The backward saves the output y, not x: y is usually kept anyway, and dx needs only y and dy, never the mask.
-- exp2 with ``scale * log2(e)`` folded into one multiply.
 
 Layering (see DESIGN.md): ``_softmax_*_kernel`` (Triton, built on first use) -> ``softmax_forward`` /
 ``softmax_backward`` launchers -> ``hotpath::softmax`` / ``hotpath::softmax_backward`` custom ops (fake
