@@ -302,8 +302,13 @@ def _grid(n_tiles: int, cfg: _Config, device: torch.device) -> tuple[int]:
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+        return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
     return _DEFAULT_SMS  # CPU tensors (the interpreter, or a static compile capture): an H100 / H200
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
