@@ -103,6 +103,7 @@ if tl is not None:
         cols = tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
         n_tiles = tl.cdiv(n_rows, ROWS)
         x_pad = float("inf") if NEG else float("-inf")  # loaded for masked-off columns: -inf once negated
+        # (disable_licm: hoisting per-element mask terms out of the loop cost ~10 registers for causal tiles)
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES if SINGLE else 1,
                              disable_licm=True):
             row = tile * ROWS + rr  # (ROWS,) int32 (row indices fit); addresses below in int64
