@@ -5,7 +5,6 @@ a float64 reference under the rules of tests/tolerances.py. Shapes are placed ar
 block (INTERPRET_BLOCK_M x INTERPRET_BLOCK_N = 32 x 32): 1, block - 1, block, block + 1, odd lengths, T < S
 (decode, chunked prefill), T > S (causal rows that attend nothing), MHA / GQA / MQA.
 """
-import inspect
 import zlib
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 import kernels
 from kernels import _dispatch
 from kernels import flash_attention as A
-from tests.helpers import aot_compile_sm90
 from tests.tolerances import assert_close_fp32, assert_half_within_torch_error
 
 BM, BN = A.INTERPRET_BLOCK_M, A.INTERPRET_BLOCK_N
@@ -445,27 +443,6 @@ def test_onnx_export_fp16(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the GPU path, as far as a machine without a GPU can take it
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.skipif(not _dispatch.triton_available(), reason="needs triton")
-def test_kernels_compile_for_hopper():
-    """Compile every kernel ahead of time for sm_90 (Triton -> PTX -> cubin with the ptxas Triton ships), in a fresh
-    process: catches type/shape errors in the compiled path the interpreter does not see. One bf16 config; shared
-    memory checked."""
-    attn = dict(CAUSAL=True, HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, DOT_FP32=False, PRECISION="tf32")
-    fwd = dict(attn, TMA=False, WARP_SPECIALIZE=False)  # the pointer path (a hand-written signature has no TMA)
-    # the backward dk/dv and dq kernels call jitted helpers: test_backward_compiles_for_hopper compiles them
-    kernels_consts = [("_attn_fwd_kernel", fwd),
-                      ("_attn_bwd_preprocess_kernel", dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64))]
-    jobs = []
-    for name, consts in kernels_consts:
-        params = inspect.signature(getattr(A, name)).parameters
-        fp32 = ("lse_ptr", "lse2_ptr", "delta_ptr")
-        ptrs = {p: "*fp32" if p in fp32 else "*bf16" for p in params if p.endswith(("_ptr", "_src", "_dst"))}
-        jobs.append(["kernels.flash_attention", name, consts, 4, ptrs, ["qk_scale", "scale"], [], {"num_stages": 3}])
-    for out in aot_compile_sm90(jobs):
-        assert out["cubin"] and out["shared"] <= 227 * 1024, out["name"]
-
-
 _SM90_BACKWARD_SCRIPT = r"""
 import json, os, sys, torch
 from triton import knobs
