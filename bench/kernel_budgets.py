@@ -53,7 +53,7 @@ def violations(row: dict[str, Any], budgets: dict[str, dict[str, Any]],
     if not covered or row["status"] == "pruned":  # reference rows; configs the autotuner never runs
         return out
     if row["status"] != "ok":
-        return [f"compile: {row.get('error', 'failed')}"]
+        return [f"error: {row.get('error', 'failed')}"]
     spill = row["spill_store_bytes"] + row["spill_load_bytes"]
     for name in covered:
         b = budgets[name]

@@ -11,7 +11,8 @@ access / spill instruction counts in the SASS and the length of the inner loops.
 
 - attention: `attention_forward` and `attention_backward`, B=1, H=2, T=S=8192, D 64/128, causal/full, bf16/fp16;
 - decode: `attention_forward` with T=1 and T=16 new tokens, S=8192 (whatever kernels it dispatches to), causal;
-- softmax: `softmax_forward` / `softmax_backward` on x (4, N), N = 1k .. 32k, bf16/fp32;
+- softmax: `softmax_forward` / `softmax_backward` on x (4, N), N = 1k .. 32k, bf16/fp32, plus N = 64k (rows
+  longer than one block) and a causal x (4, 4096) in bf16;
 - adamw: one optimizer step, fp32 and bf16 with fp32 master weights (`bench/adamw_host.py`: `capture_step`),
   plus the host time per step (`host_time_per_step`);
 - reference: the forward of Triton's fused-attention tutorial, rewritten in tests/fixtures/tutorial_attention.py.
@@ -48,7 +49,8 @@ SEQ = 8192  # T = S for training-shaped attention, S for decode
 HEADS = 2
 SOFTMAX_ROWS = 4
 SOFTMAX_N = (1024, 2048, 4096, 8192, 16384, 32768)
-ADAMW_KINDS = ("fp32", "bf16+master")
+SOFTMAX_EXTRA = [(65536, "bf16", False), (4096, "bf16", True)]  # rows longer than one block; the causal mask
+ADAMW_KINDS = ("fp32", "bf16-master")  # the dtype names of bench/adamw_host.py
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -78,10 +80,12 @@ def cases(only: tuple[str, ...] = GROUPS, quick: bool = False) -> list[dict[str,
                         add(group, "fwd", f"T{T} D{D} {dtype}", B=1, H=HEADS, T=T, S=SEQ, D=D, dtype=dtype,
                             causal=True)
         elif group == "softmax":
-            for N in SOFTMAX_N:
-                for dtype in ("bf16", "fp32"):
-                    for direction in ("fwd", "bwd"):
-                        add(group, direction, f"{SOFTMAX_ROWS}x{N} {dtype}", R=SOFTMAX_ROWS, N=N, dtype=dtype)
+            shapes = [(N, dtype, False) for N in SOFTMAX_N for dtype in ("bf16", "fp32")]
+            shapes += SOFTMAX_EXTRA  # paths the sizes above do not reach
+            for N, dtype, causal in shapes:
+                for direction in ("fwd", "bwd"):
+                    add(group, direction, f"{SOFTMAX_ROWS}x{N} {dtype}{' causal' if causal else ''}",
+                        R=SOFTMAX_ROWS, N=N, dtype=dtype, causal=causal)
         elif group == "adamw":
             for kind in ADAMW_KINDS:
                 add(group, "step", kind, dtype=kind)
@@ -162,9 +166,9 @@ def _launches(case: dict[str, Any]) -> list[Any]:
 
         x = torch.empty(p["R"], p["N"], dtype=_torch_dtype(p["dtype"]))
         if case["direction"] == "fwd":
-            launches = sm90.capture(S.softmax_forward, x, 1.0, False)
+            launches = sm90.capture(S.softmax_forward, x, 1.0, p["causal"])
         else:
-            launches = sm90.capture(S.softmax_backward, x, torch.empty_like(x), 1.0, False)
+            launches = sm90.capture(S.softmax_backward, x, torch.empty_like(x), 1.0, p["causal"])
     elif group == "adamw":
         launches = list(_adamw_host().capture_step(p["dtype"]))
     else:
@@ -210,20 +214,30 @@ def _base_row(case: dict[str, Any], li: int, ci: int, launch: Any, config: Any) 
 
 def plan_case(case: dict[str, Any]) -> dict[str, Any]:
     """Capture one case: the compile jobs of its kept configs and the rows of the configs autotune prunes."""
+    jobs, rows = [], []
     try:
         launches = _launches(case)
+        kept_by_launch = [launch.pruned_configs() for launch in launches]
     except MissingPiece as e:
         return {"case": case, "skipped": str(e), "jobs": [], "rows": []}
-    jobs, rows = [], []
-    for li, launch in enumerate(launches):
-        configs = launch.configs()
-        kept = launch.pruned_configs()
-        for ci, config in enumerate(configs):
+    except Exception as e:  # noqa: BLE001 - a launcher or prune hook that fails is a row of the report, not a crash
+        row = {"id": f"{case['id']} | capture", "group": case["group"], "direction": case["direction"],
+               "kernel": "(launcher)", "launch": -1, "config_index": -1, "case": case["label"],
+               "params": case["params"], "config": {}, "config_label": "", "autotuned": False, "smem_estimate": None,
+               "status": "error", "error": _one_line(e)}
+        return {"case": case, "skipped": None, "jobs": [], "rows": [row]}
+    for li, (launch, kept) in enumerate(zip(launches, kept_by_launch)):
+        for ci, config in enumerate(launch.configs()):
             if config is None or config in kept:
                 jobs.append((case, li, ci))
             else:
                 rows.append({**_base_row(case, li, ci, launch, config), "status": "pruned"})
     return {"case": case, "skipped": None, "jobs": jobs, "rows": rows}
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()] or [""]
+    return f"{type(e).__name__}: {lines[-1][:300]}"
 
 
 def compile_row(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
@@ -239,9 +253,7 @@ def compile_row(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
         compiled = sm90.compile_launch(launch, config)
         instrs, labels = sm90.parse_sass(sm90.sass(compiled.kernel))
     except Exception as e:  # noqa: BLE001 - a kernel that fails to compile is a row of the report, not a crash
-        lines = [x for x in str(e).strip().splitlines() if x.strip()] or [type(e).__name__]
-        return {**row, "status": "error", "error": f"{type(e).__name__}: {lines[-1][:300]}",
-                "compile_s": round(time.perf_counter() - started, 2)}
+        return {**row, "status": "error", "error": _one_line(e), "compile_s": round(time.perf_counter() - started, 2)}
     st = compiled.stats
     loops = sm90.find_loops(instrs, labels)
     hot = sm90.hot_loop(loops)
@@ -298,11 +310,12 @@ def _kb(n: Optional[int]) -> str:
 
 
 def _row_cells(r: dict[str, Any]) -> list[str]:
-    head = [r["kernel"] + ("" if r["launch"] == 0 else f" #{r['launch']}"), r["case"], r["config_label"] or "-"]
+    head = [r["kernel"] + ("" if r["launch"] <= 0 else f" #{r['launch']}"), r["case"], r["config_label"] or "-"]
     if r["status"] == "pruned":
-        return head + [f"pruned by autotune (estimate {_kb(r['smem_estimate'])} KB)"] + [""] * 9
+        est = "" if r["smem_estimate"] is None else f" (estimate {_kb(r['smem_estimate'])} KB)"
+        return head + [f"pruned by autotune{est}"] + [""] * 10
     if r["status"] != "ok":
-        return head + [f"compile error: {r['error']}"] + [""] * 9
+        return head + [f"compile error: {r['error']}"] + [""] * 10
     s, occ = r["sass"], r["occupancy"]
     loops = ", ".join(str(lp["instructions"]) for lp in r["loops"]) or "-"
     return head + [
@@ -322,13 +335,24 @@ _TITLES = {"attention/fwd": "Attention forward (B=1, H=2, T=S=8192)",
            "reference/fwd": "Reference: Triton fused-attention tutorial forward (tests/fixtures/tutorial_attention.py)"}
 
 
+def _host_line(h: Any) -> str:
+    if not isinstance(h, dict) or "median_ms" not in h:
+        return str(h)
+    parts = [f"median {h['median_ms']:.3f} ms"]
+    if "min_ms" in h and "max_ms" in h:
+        parts[0] += f" (min {h['min_ms']:.3f}, max {h['max_ms']:.3f})"
+    parts += [f"{h[k]} {k.replace('_', ' ')}" for k in ("launches_per_step", "programs_per_step") if k in h]
+    return ", ".join(parts)
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [
         "# Static sm_90a kernel report", "",
         f"> {NOTE} Generated by `python -m bench.kernel_report` on {doc['date']} with Triton {doc['triton']} "
-        f"on {m.get('cpu')} ({m.get('cores')} cores): {doc['compiles']} compiles in {doc['wall_s']:.0f} s with "
-        f"{doc['jobs']} worker processes{', --quick subset' if doc['quick'] else ''}.", "",
+        f"on {m.get('cpu')} ({m.get('cores')} cores, load average {doc.get('load_average_at_start')} at the "
+        f"start): {doc['compiles']} compiles in {doc['wall_s']:.0f} s with {doc['jobs']} worker processes"
+        f"{', --quick subset' if doc['quick'] else ''}.", "",
         "Columns: registers per thread; spill bytes stored/loaded; shared memory compiled (autotune estimate); "
         "CTAs per SM on Hopper and the resource that limits it; counts in the SASS of HGMMA (wgmma), TMA "
         "loads/stores (UTMALDG/UTMASTG), cp.async (LDGSTS), 16-byte global loads/stores and local-memory "
@@ -343,15 +367,16 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(_row_cells(r)) + " |" for r in rows]
         lines.append("")
     host = doc.get("adamw_host")
-    if host:
-        lines += ["## FusedAdamW host time per step (CPU, launch stubbed)", ""]
-        lines += [f"- {k}: {v}" for k, v in host.items()] + [""]
-    for s in doc["skipped"]:
-        lines.append(f"- skipped {s['group']} {s['case']}: {s['reason']}")
-    failing = [(r, v) for r in doc["rows"] for v in r.get("violations", [])]
-    verdict = f"{len({r['id'] for r, _ in failing})} rows break a budget." if failing else "Every row is in budget."
+    if host and "skipped" not in host:
+        lines += ["## FusedAdamW host time per step (GPT-2 124M, this CPU, launches recorded instead of run)", ""]
+        lines += [f"- {kind}: {_host_line(h)}" for kind, h in host.items()] + [""]
+    if doc["skipped"]:
+        lines += ["## Not reported", ""]
+        lines += [f"- {s['group']} {s['case']}: {s['reason']}" for s in doc["skipped"]] + [""]
+    failing = [r for r in doc["rows"] if r.get("violations")]
+    verdict = f"{len(failing)} rows break a budget:" if failing else "Every row is within budget."
     lines += ["## Budgets (bench/kernel_budgets.toml)", "", verdict, ""]
-    lines += [f"- `{r['id']}`: {v}" for r, v in failing]
+    lines += [f"- `{r['id']}`: " + "; ".join(r["violations"]) for r in failing]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -392,6 +417,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     budgets = load_budgets()
     selected = cases(tuple(g for g in GROUPS if not args.only or g in args.only), quick=args.quick)
     started = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work competing for the cores
     print(f"kernel report: {len(selected)} cases, {args.jobs} compile processes", flush=True)
     result = run_report(selected, args.jobs, progress=not args.no_progress)
     wall = time.perf_counter() - started
@@ -403,7 +429,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "triton": info.get("triton"), "torch": info.get("torch"), "machine": info,
         "command": "python -m bench.kernel_report " + " ".join(argv if argv is not None else sys.argv[1:]),
         "groups": sorted({c["group"] for c in selected}), "quick": args.quick, "jobs": args.jobs,
-        "compiles": result["compiles"], "wall_s": round(wall, 1), "adamw_host": result["adamw_host"],
+        "compiles": result["compiles"], "wall_s": round(wall, 1),
+        "load_average_at_start": None if load is None else round(load, 2), "adamw_host": result["adamw_host"],
         "skipped": result["skipped"], "rows": result["rows"],
     }
     write_json_atomic(args.out, doc)
@@ -415,8 +442,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     failing = {r["id"] for r in doc["rows"] if r["violations"]}
     print(f"wrote {args.out}{' and ' + args.markdown if args.markdown else ''}: {len(doc['rows'])} rows, "
           f"{result['compiles']} compiles in {wall:.0f} s wall with {args.jobs} processes on {info.get('cores')} "
-          f"cores (a shared or smaller machine is slower); {len(errors)} compile errors, {len(failing)} rows over "
-          f"budget, {len(doc['skipped'])} cases skipped")
+          f"cores (load average {doc['load_average_at_start']} at the start: other work on the machine slows it); "
+          f"{len(errors)} errors, {len(failing)} rows over budget, {len(doc['skipped'])} cases skipped")
     return 1 if errors else 0
 
 

@@ -127,13 +127,14 @@ def compile_launch(launch: Launch, config: Optional[Config] = None) -> Compiled:
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
     src = ASTSource(fn, signature, constexprs, attrs)
     log = io.StringIO()
-    old = knobs.nvidia.dump_ptxas_log
+    old = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v output is printed to stdout: keep it
+    knobs.compilation.always_compile = True  # a cached kernel skips ptxas, and its -v statistics with it
     try:
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(src, target=TARGET, options=options.__dict__)
     finally:
-        knobs.nvidia.dump_ptxas_log = old
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
     text = log.getvalue()
     shown = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))}
     return Compiled(launch.name, shown, kernel, text, ptxas_stats(text, kernel))
@@ -152,6 +153,8 @@ def ptxas_stats(log: str, kernel: Any) -> dict[str, int]:
     out = {}
     for key, pattern in _PTXAS_PATTERNS.items():
         found = re.findall(pattern, log)
+        if not found and key == "registers":
+            raise RuntimeError(f"ptxas -v printed no register count:\n{log[-2000:]}")
         out[key] = int(found[-1]) if found else 0
     out["shared_bytes"] = int(kernel.metadata.shared)
     out["num_warps"] = int(kernel.metadata.num_warps)

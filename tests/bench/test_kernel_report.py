@@ -176,7 +176,7 @@ def test_budget_checks_catch_each_regression():
     softmax = _row(group="softmax", params={"N": 1024}, registers=30, autotuned=False, dots_16bit=0,
                    sass={**ok["sass"], "ldg": 5})
     assert [v.split(":")[0] for v in kernel_budgets.violations(softmax, BUDGETS)] == ["softmax_vector_access"]
-    assert kernel_budgets.violations(_row(status="error", error="boom"), BUDGETS) == ["compile: boom"]
+    assert kernel_budgets.violations(_row(status="error", error="boom"), BUDGETS) == ["error: boom"]
     assert kernel_budgets.violations(_row(group="reference", registers=255, spill_store_bytes=8), BUDGETS) == []
 
 
@@ -186,8 +186,9 @@ def test_cases_cover_the_issue():
     by_group = {g: [c for c in full if c["group"] == g] for g in kernel_report.GROUPS}
     assert len(by_group["attention"]) == 2 * 2 * 2 * 2  # D x dtype x causal x (fwd, bwd)
     assert {c["params"]["T"] for c in by_group["decode"]} == {1, 16}
-    assert sorted({c["params"]["N"] for c in by_group["softmax"]}) == [1024 << i for i in range(6)]
-    assert [c["label"] for c in by_group["adamw"]] == ["fp32", "bf16+master"]
+    assert sorted({c["params"]["N"] for c in by_group["softmax"]}) == [1024 << i for i in range(7)]
+    assert any(c["params"]["causal"] for c in by_group["softmax"])
+    assert [c["label"] for c in by_group["adamw"]] == ["fp32", "bf16-master"]
     assert len(by_group["reference"]) == 8
     assert len({c["id"] for c in full}) == len(full)
     quick = kernel_report.cases(quick=True)
@@ -195,6 +196,14 @@ def test_cases_cover_the_issue():
     assert attn and all(c["params"]["D"] == 128 and c["params"]["dtype"] == "bf16" for c in attn)
     assert [c for c in quick if c["group"] in ("softmax", "adamw")] == by_group["softmax"] + by_group["adamw"]
     assert kernel_report.cases(("softmax",)) == by_group["softmax"]
+
+
+def test_a_failing_launcher_is_a_failing_row():
+    case = {"group": "nope", "direction": "fwd", "label": "x", "params": {}, "id": "nope/fwd x"}
+    plan = kernel_report.plan_case(case)
+    (row,) = plan["rows"]
+    assert plan["jobs"] == [] and row["status"] == "error" and "unknown group" in row["error"]
+    assert kernel_budgets.violations({**row, "group": "softmax"}, BUDGETS)[0].startswith("error: ValueError")
 
 
 def test_cli_help_and_bad_flags(capsys):
@@ -217,7 +226,7 @@ def test_markdown_says_it_is_a_static_prediction():
     text = kernel_report.markdown(doc)
     assert kernel_report.NOTE in text and "measured on a GPU" in text
     assert "| _k | D128 bf16 causal | BLOCK_M=128 w8 s3 | 200 | 0/0 |" in text
-    assert "1 rows break a budget" in text
+    assert "1 rows break a budget" in text and "no_spills: x" in text
 
 
 # ------------------------------------------------------------------------------------------------ the real report
