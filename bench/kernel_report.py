@@ -208,7 +208,7 @@ def _base_row(case: dict[str, Any], li: int, ci: int, launch: Any, config: Any) 
         "id": f"{case['id']} | {li}:{launch.name} | {label}", "group": case["group"],
         "direction": case["direction"], "kernel": launch.name, "launch": li, "config_index": ci,
         "case": case["label"], "params": case["params"], "config": cfg, "config_label": label,
-        "autotuned": config is not None, "smem_estimate": _smem_estimate(launch, config),
+        "autotuned": config is not None, "smem_estimate": None,
     }
 
 
@@ -230,8 +230,13 @@ def plan_case(case: dict[str, Any]) -> dict[str, Any]:
         for ci, config in enumerate(launch.configs()):
             if config is None or config in kept:
                 jobs.append((case, li, ci))
-            else:
-                rows.append({**_base_row(case, li, ci, launch, config), "status": "pruned"})
+                continue
+            row = {**_base_row(case, li, ci, launch, config), "status": "pruned"}
+            try:
+                row["smem_estimate"] = _smem_estimate(launch, config)
+            except Exception as e:  # noqa: BLE001 - a failing estimate is reported on its row
+                row.update(status="error", error=f"SMEM_ESTIMATES: {_one_line(e)}")
+            rows.append(row)
     return {"case": case, "skipped": None, "jobs": jobs, "rows": rows}
 
 
@@ -250,6 +255,7 @@ def compile_row(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
     row = _base_row(case, li, ci, launch, config)
     started = time.perf_counter()
     try:
+        row["smem_estimate"] = _smem_estimate(launch, config)
         compiled = sm90.compile_launch(launch, config)
         instrs, labels = sm90.parse_sass(sm90.sass(compiled.kernel))
     except Exception as e:  # noqa: BLE001 - a kernel that fails to compile is a row of the report, not a crash
