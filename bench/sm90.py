@@ -187,7 +187,7 @@ class Instr:
     target: Optional[str] = None
 
 
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:(@!?U?P(?:T|\d+))\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:(@!?U?P(?:T|\d+))\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _LABEL = re.compile(r"^\s*(\.L\w+):")
 _BRANCH_TARGET = re.compile(r"`\((\.L\w+)\)")
 
