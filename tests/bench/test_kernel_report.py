@@ -6,7 +6,7 @@ Slow: the report runs once per session in a fresh process (no TRITON_INTERPRET; 
 tests/conftest.py) and every row of it is held to the budgets, the inner loops against the committed report
 bench/results/kernels-sm90.json. The test runs the `--quick` subset (every config at D=128 bf16 for attention,
 decode and the tutorial reference; softmax and AdamW in full): on the 2-core development VM, shared with other
-work (load average ~7), the full report took 7.7 minutes (120 compiles) and --quick 2.9 minutes (52 compiles).
+work (load average 3-7), the full report took 6-8 minutes (124 compiles) and --quick 1.3-2.9 minutes (52).
 """
 import json
 import os
