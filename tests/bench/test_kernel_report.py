@@ -230,6 +230,40 @@ def test_markdown_says_it_is_a_static_prediction():
     assert "1 rows break a budget" in text and "no_spills: x" in text
 
 
+# ------------------------------------------------------------------------------------------------ the reference
+@pytest.mark.parametrize("causal", [True, False])
+def test_tutorial_reference_kernel_is_attention(causal):
+    """The reference row's kernel computes attention (run once in Triton's interpreter, fp16, against float64), so
+    the report compares hotpath's forward with a real attention kernel. Its lse is in base 2, as the tutorial's."""
+    import torch
+    import triton
+
+    from kernels.flash_attention import attention_ref
+    from tests.fixtures import tutorial_attention as R
+    from tests.tolerances import assert_half_within_torch_error
+
+    B, H, T, D = 1, 2, 256, 64
+    gen = torch.Generator().manual_seed(1 + causal)
+    q, k, v = (torch.randn(B, H, T, D, generator=gen).half() for _ in range(3))
+    o, lse = torch.full_like(q, float("nan")), torch.full((B, H, T), float("nan"))
+
+    def desc(t):
+        return R.TensorDescriptor(t, shape=[B * H * T, D], strides=[D, 1], block_shape=[1, D])
+
+    descs = dict(q_desc=desc(q), k_desc=desc(k), v_desc=desc(v), o_desc=desc(o))
+    meta = dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=D)
+    R._set_block_shapes({**descs, **meta})
+    triton.jit(R._tutorial_attn_fwd)[(T // 128, B * H)](*descs.values(), lse, D ** -0.5 * 1.4426950408889634, H, T,
+                                                       CAUSAL=causal, **meta)
+    ref = attention_ref(q.double(), k.double(), v.double(), causal=causal, scale=D ** -0.5)
+    torch_half = attention_ref(q, k, v, causal=causal, scale=D ** -0.5)
+    assert_half_within_torch_error(o, torch_half, ref, torch.float16)
+    s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1) / 0.6931471805599453, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ the real report
 @pytest.fixture(scope="session")
 def report(tmp_path_factory):
