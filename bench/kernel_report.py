@@ -1,7 +1,7 @@
 """`python -m bench.kernel_report`: the static sm_90a performance report of every Triton kernel, run on CPU.
 
     python -m bench.kernel_report [--only attention|decode|softmax|adamw|reference ...] [--quick]
-                                  [--out bench/results/kernels-sm90.json] [--markdown PATH] [--jobs N]
+                                  [--out PATH] [--markdown PATH] [--jobs N]
 
 Each real launcher is called with CPU tensors while its launches are recorded (bench/sm90.py), and every recorded
 launch x every autotune config the autotuner would keep is compiled for sm_90a exactly as a launch specialises it
@@ -17,7 +17,8 @@ access / spill instruction counts in the SASS and the length of the inner loops.
   plus the host time per step (`host_time_per_step`);
 - reference: the forward of Triton's fused-attention tutorial, rewritten in tests/fixtures/tutorial_attention.py.
 
-Writes the JSON (atomically) and prints a Markdown table. Every number is a static prediction from the compiler
+Writes the JSON (atomically; a full run to bench/results/kernels-sm90.json, the committed report, a partial one
+under runs/kernel_report/) and prints a Markdown table. Every number is a static prediction from the compiler
 (ptxas and the SASS), not a measurement on a GPU. The compiles run in a pool of fresh processes (`--jobs`,
 default: one per core) without TRITON_INTERPRET, with a progress bar; the run ends with its wall time.
 Budgets (bench/kernel_budgets.toml) are checked against the committed report and listed; tests enforce them.
@@ -39,7 +40,8 @@ from common import cli
 from common.files import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = Path("bench/results/kernels-sm90.json")
+DEFAULT_OUT = Path("bench/results/kernels-sm90.json")  # the committed report: full runs only
+PARTIAL_DIR = Path("runs/kernel_report")
 TUTORIAL = ROOT / "tests" / "fixtures" / "tutorial_attention.py"
 GROUPS = ("attention", "decode", "softmax", "adamw", "reference")
 NOTE = ("Static prediction: every kernel compiled for sm_90a on a CPU-only machine (Triton's own binder, ptxas, "
@@ -394,7 +396,9 @@ def build_parser() -> Any:
     p.add_argument("--only", action="append", choices=GROUPS, help="report only this group (repeatable)")
     p.add_argument("--quick", action="store_true",
                    help="attention, decode and reference at D=128 bf16 only (softmax and AdamW in full)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON report (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=None,
+                   help=f"JSON report (default: {DEFAULT_OUT} for a full run; a partial run, --only or --quick, "
+                        f"writes under {PARTIAL_DIR}/ so it never replaces the committed report)")
     p.add_argument("--markdown", default=None, metavar="PATH", help="also write the Markdown table here")
     p.add_argument("--baseline", default=str(DEFAULT_OUT),
                    help="committed report the inner-loop budget compares with (default: %(default)s)")
@@ -421,7 +425,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     baseline = _load_baseline(args.baseline)
     budgets = load_budgets()
-    selected = cases(tuple(g for g in GROUPS if not args.only or g in args.only), quick=args.quick)
+    groups = tuple(g for g in GROUPS if not args.only or g in args.only)
+    selected = cases(groups, quick=args.quick)
+    if args.out is None:
+        partial = groups != GROUPS or args.quick
+        args.out = str(PARTIAL_DIR / f"kernels-sm90-{'-'.join(groups)}{'-quick' if args.quick else ''}.json"
+                       if partial else DEFAULT_OUT)
     started = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work competing for the cores
     print(f"kernel report: {len(selected)} cases, {args.jobs} compile processes", flush=True)
