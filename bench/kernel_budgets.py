@@ -72,10 +72,12 @@ def violations(row: dict[str, Any], budgets: dict[str, dict[str, Any]],
         if name == "wgmma" and row["dots_16bit"] and not row["sass"]["hgmma"]:
             out.append(f"{name}: {row['dots_16bit']} 16-bit tl.dot but no HGMMA in the SASS "
                        f"({row['sass']['hmma']} HMMA)")
-        if name == "softmax_vector_access":
+        if name == "softmax_vector_access":  # loads: LDG, or cp.async (LDGSTS) in a pipelined loop
             s = row["sass"]
-            if s["ldg"] != s["ldg128"] or s["stg"] != s["stg128"] or not s["ldg"]:
-                out.append(f"{name}: {s['ldg128']}/{s['ldg']} loads and {s['stg128']}/{s['stg']} stores are 16-byte")
+            loads, wide = s["ldg"] + s.get("ldgsts", 0), s["ldg128"] + s.get("ldgsts128", 0)
+            if loads != wide or s["stg"] != s["stg128"] or not loads:
+                out.append(f"{name}: {wide}/{loads} loads (LDG, LDGSTS) and {s['stg128']}/{s['stg']} stores are "
+                           f"16-byte")
         if "max_ratio" in b:
             out += [f"{name}: {v}" for v in _loop_growth(row, (baseline or {}).get(row["id"]), b["max_ratio"])]
     return out

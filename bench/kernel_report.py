@@ -325,7 +325,8 @@ def _row_cells(r: dict[str, Any]) -> list[str]:
     if r["status"] != "ok":
         return head + [f"compile error: {r['error']}"] + [""] * 10
     s, occ = r["sass"], r["occupancy"]
-    loops = ", ".join(str(lp["instructions"]) for lp in r["loops"]) or "-"
+    loops = ", ".join(str(lp["instructions"]) if lp.get("innermost", True) else f"({lp['instructions']})"
+                      for lp in r["loops"]) or "-"
     return head + [
         str(r["registers"]), f"{r['spill_store_bytes']}/{r['spill_load_bytes']}",
         f"{_kb(r['shared_bytes'])} ({_kb(r['smem_estimate'])})", f"{occ['ctas_per_sm']} ({occ['limiter']})",
@@ -364,7 +365,10 @@ def markdown(doc: dict[str, Any]) -> str:
         "Columns: registers per thread; spill bytes stored/loaded; shared memory compiled (autotune estimate); "
         "CTAs per SM on Hopper and the resource that limits it; counts in the SASS of HGMMA (wgmma), TMA "
         "loads/stores (UTMALDG/UTMASTG), cp.async (LDGSTS), 16-byte global loads/stores and local-memory "
-        "spill instructions (LDL/STL); SASS instructions of the hot inner loop and of every innermost loop.", "",
+        "spill instructions (LDL/STL); SASS instructions per iteration of the hot inner loop and of every loop in "
+        "address order (in parentheses: a loop with loops inside). The hot loop is the innermost loop with the most "
+        "matrix instructions and, among equals, the fewest instructions (an unmasked steady state rather than its "
+        "masked copy).", "",
     ]
     sections: dict[str, list[dict[str, Any]]] = {}
     for r in doc["rows"]:

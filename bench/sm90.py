@@ -343,6 +343,7 @@ _COUNTED = {
     "utmaldg": lambda op: op.startswith("UTMALDG"),
     "utmastg": lambda op: op.startswith("UTMASTG"),
     "ldgsts": lambda op: op.startswith("LDGSTS"),
+    "ldgsts128": lambda op: op.startswith("LDGSTS") and ".128" in op,
     "ldg": lambda op: op.startswith("LDG."),
     "stg": lambda op: op.startswith("STG."),
     "ldg128": lambda op: op.startswith("LDG.") and ".128" in op,
@@ -353,8 +354,9 @@ _COUNTED = {
 
 
 def sass_counts(instrs: list[Instr]) -> dict[str, int]:
-    """Instruction counts: total, HGMMA (wgmma), HMMA (mma.sync), UTMALDG / UTMASTG (TMA), LDGSTS (cp.async),
-    global loads / stores and those of 16 bytes (LDG/STG ... .128), and local-memory spill traffic (LDL / STL)."""
+    """Instruction counts: total, HGMMA (wgmma), HMMA (mma.sync), UTMALDG / UTMASTG (TMA), LDGSTS (cp.async) and
+    those of 16 bytes, global loads / stores and those of 16 bytes (LDG/STG ... .128), and local-memory spill
+    traffic (LDL / STL)."""
     out = {"instructions": len(instrs)}
     for key, match in _COUNTED.items():
         out[key] = sum(1 for ins in instrs if match(ins.op))
