@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # the stamp changes whenever pyproject.toml does, so dependency edits reinstall
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup lint test test-fast bench bench-quick bench-serve soak profile clean
+.PHONY: setup lint test test-fast bench bench-quick bench-serve kernel-report soak profile clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ bench-quick: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) -m bench --suite serve
+
+# static sm_90a report of every Triton kernel (compiled on the CPU; no GPU needed)
+kernel-report: $(STAMP)
+	$(PY) -m bench.kernel_report --markdown bench/results/kernels-sm90.md
 
 # a bounded mixed load (streams, disconnects, malformed requests) against the tiny model; exit 1 on RSS growth or a 5xx
 SOAK_CKPT := runs/soak/tiny.pt
