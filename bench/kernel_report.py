@@ -73,8 +73,11 @@ def cases(only: tuple[str, ...] = GROUPS, quick: bool = False) -> list[dict[str,
                 for dtype in dtypes:
                     for causal in (True, False):
                         label = f"D{D} {dtype} {'causal' if causal else 'full'}"
-                        for direction in (("fwd", "bwd") if group == "attention" else ("fwd",)):
-                            add(group, direction, label, B=1, H=HEADS, T=SEQ, S=SEQ, D=D, dtype=dtype, causal=causal)
+                        shape = dict(B=1, H=HEADS, T=SEQ, S=SEQ, D=D, dtype=dtype, causal=causal)
+                        add(group, "fwd", label, **shape)
+                        if group == "attention":  # the default (atomic dq) and the deterministic backward
+                            add(group, "bwd", label, **shape)
+                            add(group, "bwd", f"{label} deterministic", **shape, deterministic=True)
         elif group == "decode":
             for T in (1, 16):
                 for D in heads:
@@ -115,16 +118,6 @@ class MissingPiece(Exception):
     """A group cannot be captured here (a module another change brings has not landed): reported as skipped."""
 
 
-def _adamw_host() -> Any:
-    try:
-        return importlib.import_module("bench.adamw_host")
-    except ModuleNotFoundError as e:
-        if e.name != "bench.adamw_host":
-            raise
-        raise MissingPiece("bench/adamw_host.py is missing (it provides capture_step(dtype) and "
-                           "host_time_per_step(dtype) for FusedAdamW)") from None
-
-
 def _tutorial() -> Any:
     if not TUTORIAL.exists():
         raise MissingPiece(f"{TUTORIAL} is missing (the tutorial reference kernel lives in the source checkout)")
@@ -162,7 +155,8 @@ def _launches(case: dict[str, Any]) -> list[Any]:
         else:
             o, do = torch.empty_like(q), torch.empty_like(q)
             lse = torch.empty(p["B"], p["H"], p["T"], dtype=torch.float32)  # (B, H, T)
-            launches = sm90.capture(A.attention_backward, do, q, k, v, o, lse, p["causal"], scale)
+            launches = sm90.capture(A.attention_backward, do, q, k, v, o, lse, p["causal"], scale,
+                                    deterministic=p.get("deterministic", False))
     elif group == "softmax":
         from kernels import fused_softmax as S
 
@@ -172,7 +166,9 @@ def _launches(case: dict[str, Any]) -> list[Any]:
         else:
             launches = sm90.capture(S.softmax_backward, x, torch.empty_like(x), 1.0, p["causal"])
     elif group == "adamw":
-        launches = list(_adamw_host().capture_step(p["dtype"]))
+        from bench import adamw_host
+
+        launches = list(adamw_host.capture_step(p["dtype"]))
     else:
         raise ValueError(f"unknown group {group}")
     _CAPTURED[case["id"]] = launches
@@ -279,14 +275,12 @@ def compile_row(job: tuple[dict[str, Any], int, int]) -> dict[str, Any]:
 
 def adamw_host_times() -> dict[str, Any]:
     """Host time per FusedAdamW step (launch stubbed), from bench/adamw_host.py, per kind; or why not."""
-    try:
-        host = _adamw_host()
-    except MissingPiece as e:
-        return {"skipped": str(e)}
+    from bench import adamw_host
+
     out: dict[str, Any] = {}
     for kind in ADAMW_KINDS:
         try:
-            out[kind] = host.host_time_per_step(kind)
+            out[kind] = adamw_host.host_time_per_step(kind)
         except Exception as e:  # noqa: BLE001 - the compiles still run; the failure is recorded in the report
             out[kind] = {"error": _one_line(e)}
     return out
