@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from common.errors import UserError
 from common.version import hotpath_version
@@ -38,6 +38,10 @@ CONFIG, TOKENIZER, VERSION, SOURCE_SHA256, KV_CACHE, DTYPE = (
     "hotpath.config", "hotpath.tokenizer", "hotpath.version", "hotpath.source_sha256", "hotpath.kv_cache",
     "hotpath.dtype")
 REQUIRED = (CONFIG, TOKENIZER, KV_CACHE)
+# the decoder's int64 scalar input: 0 = logits for every position, k > 0 = the last k positions only. It has a
+# default of 0 (an initializer of the same name), so a caller may leave it out. Exports before it have no such
+# input and always return every position (OnnxDecoder slices those afterwards).
+LOGITS_TO_KEEP = "logits_to_keep"
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -115,6 +119,24 @@ def read_hotpath_metadata(path_or_proto: PathOrProto) -> dict[str, Any]:
     Raises UserError("... is not a hotpath export ...") for any ONNX file without it, or for a non-ONNX file."""
     source = "the ONNX model" if not isinstance(path_or_proto, (str, os.PathLike)) else str(path_or_proto)
     return parse_hotpath_metadata(read_metadata_props(path_or_proto), source)
+
+
+def graph_without_logits_to_keep(path: str | os.PathLike) -> Optional[bytes]:
+    """The graph at `path` with its logits_to_keep input frozen to a constant 0 (every position's logits), serialized
+    with any external weights still referred to by name; None when it has no such input. For TensorRT, which would
+    take that scalar as a shape tensor needing profile values."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = [i for i in model.graph.input if i.name == LOGITS_TO_KEEP]
+    if not inputs:
+        return None
+    model.graph.input.remove(inputs[0])
+    for init in [i for i in model.graph.initializer if i.name == LOGITS_TO_KEEP]:  # the export's default
+        model.graph.initializer.remove(init)
+    model.graph.initializer.append(helper.make_tensor(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [], [0]))
+    return model.SerializeToString()
 
 
 def gpt_config(meta: Mapping[str, Any]) -> GPTConfig:

@@ -3,9 +3,12 @@
 
 :class:`OnnxDecoder` owns the session. The graph takes ``input_ids`` (B, T) int64, ``attention_mask``
 (B, past + T) int64 (1 = real token, 0 = left padding), ``position_ids`` (B, T) int64 and, for a KV-cache export,
-``past_key_values.{i}.key|value`` (B, kv_heads, past, head_dim) in the export's dtype; it returns ``logits``
-(B, T, vocab) float32 and ``present.{i}.key|value`` (B, kv_heads, past + T, head_dim). A prefill is the same graph
-with an empty past (past = 0).
+``past_key_values.{i}.key|value`` (B, kv_heads, past, head_dim) in the export's dtype, and ``logits_to_keep``, an
+int64 scalar; it returns ``logits`` (B, T, vocab) float32 for logits_to_keep 0, (B, min(k, T), vocab) for k > 0, and
+``present.{i}.key|value`` (B, kv_heads, past + T, head_dim). A prefill is the same graph with an empty past
+(past = 0); generation asks for the last position's logits only (logits_to_keep 1), evaluation for all (0).
+Files exported before ``logits_to_keep`` existed load and run too: their graph computes every position and
+:meth:`OnnxDecoder.forward` keeps the last k afterwards (same result, none of the saving; re-export for it).
 
 Generation mirrors :func:`model.generate.stream_tokens` step for step (one prefill, one cached decode step per
 token, the same stopping rule, :func:`model.sampling.sample_next` on the logits as torch tensors with a torch
@@ -26,7 +29,7 @@ from common import cli
 from common.cli import UserError
 from model.generate import check_prompt, print_stream
 
-from .onnx_meta import gpt_config, parse_hotpath_metadata, tokenizer_of
+from .onnx_meta import LOGITS_TO_KEEP, gpt_config, parse_hotpath_metadata, tokenizer_of
 from .ort_session import open_session
 
 Past = list[tuple[np.ndarray, np.ndarray]]
@@ -82,7 +85,12 @@ class OnnxDecoder:
         expected = ["input_ids", "attention_mask", "position_ids"]
         if self.kv_cache:
             expected += [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        if sorted(expected) != sorted(self.input_names) or "logits" not in self.output_names:
+        # logits_to_keep is optional: older exports lack it; ONNX Runtime lists it as an overridable initializer
+        # (it has a default of 0), not among the inputs
+        self.has_logits_to_keep = LOGITS_TO_KEEP in self.input_names or LOGITS_TO_KEEP in {
+            i.name for i in self.session.get_overridable_initializers()}
+        given = [n for n in self.input_names if n != LOGITS_TO_KEEP]
+        if sorted(expected) != sorted(given) or "logits" not in self.output_names:
             raise UserError(f"{self.path} does not have the inputs of a hotpath decoder (expected {expected[:4]}..., "
                             f"found {self.input_names[:4]}...); re-export it with python -m export.to_onnx")
         self.dtype = np.dtype(_ORT_DTYPES.get(types[expected[-1]], np.float32)) if self.kv_cache else \
@@ -100,16 +108,20 @@ class OnnxDecoder:
         return [(empty, empty) for _ in range(self.num_layers)]
 
     def forward(self, input_ids: npt.ArrayLike, attention_mask: Optional[npt.ArrayLike] = None,
-                position_ids: Optional[npt.ArrayLike] = None,
-                past: Optional[Past] = None) -> tuple[np.ndarray, Optional[Past]]:
+                position_ids: Optional[npt.ArrayLike] = None, past: Optional[Past] = None, *,
+                logits_to_keep: int = 0) -> tuple[np.ndarray, Optional[Past]]:
         """One graph run. input_ids (B, T); attention_mask (B, past + T), default all ones; position_ids (B, T),
-        default from the mask; past: per-layer (key, value) or None for an empty one.
+        default from the mask; past: per-layer (key, value) or None for an empty one; logits_to_keep: 0 = logits for
+        every position, k > 0 = for the last k only (a generation prefill needs 1).
 
-        Returns (logits (B, T, vocab) float32, present per-layer (key, value) (B, kv_heads, past + T, head_dim));
-        for an export without KV cache, present is None and `past` must be None."""
+        Returns (logits (B, T, vocab) float32 (B, min(k, T), vocab) for k > 0, present per-layer (key, value)
+        (B, kv_heads, past + T, head_dim)); for an export without KV cache, present is None and `past` must be None."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got shape {ids.shape}")
+        keep = int(logits_to_keep)
+        if keep < 0:
+            raise ValueError(f"logits_to_keep={keep} must be 0 (every position) or positive")
         B, T = ids.shape
         if past is not None and not self.kv_cache:
             raise ValueError(f"{self.path.name} was exported without a KV cache (re-export without --no-kv-cache)")
@@ -125,9 +137,11 @@ class OnnxDecoder:
         pos = positions_from_mask(mask, T) if position_ids is None else np.ascontiguousarray(position_ids,
                                                                                            dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        if self.has_logits_to_keep:
+            feeds[LOGITS_TO_KEEP] = np.array(keep, dtype=np.int64)
         if past is None:  # a logits-only export
             logits = self.session.run(["logits"], feeds)[0]
-            return logits.astype(np.float32, copy=False), None
+            return self._kept(logits, keep), None
         if len(past) != self.num_layers:
             raise ValueError(f"past has {len(past)} layers, the model {self.num_layers}")
         for i, (k, v) in enumerate(past):
@@ -135,7 +149,13 @@ class OnnxDecoder:
             feeds[f"past_key_values.{i}.value"] = np.ascontiguousarray(v, dtype=self.dtype)
         out = self.session.run(["logits", *self._present_names], feeds)
         present = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.num_layers)]
-        return out[0].astype(np.float32, copy=False), present
+        return self._kept(out[0], keep), present
+
+    def _kept(self, logits: np.ndarray, keep: int) -> np.ndarray:
+        """float32 logits; the last `keep` positions of an older export's (the graph gave them all)."""
+        if keep and not self.has_logits_to_keep:
+            logits = logits[:, -keep:]
+        return logits.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------------------------------- generation
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
@@ -152,7 +172,7 @@ class OnnxDecoder:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids) + 1)
         seq = list(prompt_ids)
-        logits, past = self.forward(np.array([seq], dtype=np.int64))
+        logits, past = self.forward(np.array([seq], dtype=np.int64), logits_to_keep=1)  # the LM head on 1 position
         for i in range(max_new_tokens):
             nxt = sample_next(torch.from_numpy(logits[:, -1].copy()), temperature=temperature, top_k=top_k,
                               top_p=top_p, generator=generator)
@@ -164,7 +184,7 @@ class OnnxDecoder:
             if self.kv_cache:
                 logits, past = self.forward(np.array([[token]], dtype=np.int64), past=past)
             else:  # no cache in the graph: recompute the whole sequence
-                logits, _ = self.forward(np.array([seq], dtype=np.int64))
+                logits, _ = self.forward(np.array([seq], dtype=np.int64), logits_to_keep=1)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
         """New token ids (the prompt not included); keyword arguments as :meth:`stream`."""

@@ -8,11 +8,15 @@ ONNX Runtime GenAI, Optimum and transformers.js use::
              attention_mask (batch, total_sequence_length) int64      1 = real token, 0 = left padding
              position_ids (batch, sequence_length) int64
              past_key_values.{i}.key|value (batch, kv_heads, past_sequence_length, head_dim)  fp32 or fp16
-    outputs  logits (batch, sequence_length, vocab) float32 (always: fp16 exports cast them)
+             logits_to_keep () int64 scalar      0 = logits for every position, k > 0 = the last k only
+    outputs  logits (batch, logits_sequence_length, vocab) float32 (always: fp16 exports cast them)
              present.{i}.key|value (batch, kv_heads, total_sequence_length, head_dim)
 
-total_sequence_length = past_sequence_length + sequence_length. ``--no-kv-cache`` writes a logits-only graph with
-the first three inputs. Exported with ``torch.onnx.export(dynamo=True)``: the example inputs have batch 2,
+total_sequence_length = past_sequence_length + sequence_length; logits_sequence_length = sequence_length when
+logits_to_keep is 0 (evaluation), min(logits_to_keep, sequence_length) otherwise: a generation prefill passes 1 and
+the LM head runs on the last position only (at GPT-2 124M it is ~29% of a 512-token prefill's work and its
+512 x 50257 fp32 output 103 MB). ``--no-kv-cache`` writes a logits-only graph with input_ids, attention_mask,
+position_ids and logits_to_keep. Exported with ``torch.onnx.export(dynamo=True)``: the example inputs have batch 2,
 3 new tokens and a past of 4, so no axis is specialised to 0 or 1; ONNX Runtime runs past length 0 (prefill) and
 1-token decode steps with the same graph, which validation checks on every export.
 
@@ -47,7 +51,7 @@ from common.errors import UserError
 from common.files import sha256_file
 from model.gpt import GPT, GPTConfig, sdpa_attention
 
-from .onnx_meta import make_hotpath_metadata
+from .onnx_meta import LOGITS_TO_KEEP, make_hotpath_metadata
 from .validate import TOLERANCES, Check, Tolerance, ValidationReport
 
 if TYPE_CHECKING:
@@ -58,34 +62,40 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIN_OPSET = 18  # the lowest opset torch's dynamo exporter writes
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph itself
 EXAMPLE_BATCH, EXAMPLE_NEW, EXAMPLE_PAST = 2, 3, 4  # all >= 2: dynamo specialises dims of size 0 and 1
+EXAMPLE_KEEP = 2  # logits_to_keep while tracing: >= 2 and below EXAMPLE_NEW, so neither case is specialised
 
 
 
 # ------------------------------------------------------------------------------------------------ graph
 class KVDecoder(nn.Module):
-    """The exported forward: (input_ids, attention_mask, position_ids, past) -> (logits fp32, presents)."""
+    """The exported forward: (input_ids, attention_mask, position_ids, past, logits_to_keep) -> (logits fp32,
+    presents)."""
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past_key_values: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, Any]:
+                past_key_values: list[tuple[torch.Tensor, torch.Tensor]],
+                logits_to_keep: int) -> tuple[torch.Tensor, Any]:
         logits, presents = self.model(input_ids, past_key_values=[tuple(p) for p in past_key_values],
-                                      attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+                                      attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                                      logits_to_keep=logits_to_keep)
         return logits.float(), presents
 
 
 class LogitsOnly(nn.Module):
-    """The exported forward without a cache: (input_ids, attention_mask, position_ids) -> logits fp32."""
+    """The exported forward without a cache: (input_ids, attention_mask, position_ids, logits_to_keep) -> logits
+    fp32."""
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids).float()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                logits_to_keep: int) -> torch.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=logits_to_keep).float()
 
 
 def io_names(n_layer: int, kv_cache: bool = True) -> tuple[list[str], list[str]]:
@@ -94,17 +104,34 @@ def io_names(n_layer: int, kv_cache: bool = True) -> tuple[list[str], list[str]]
     if kv_cache:
         inputs += [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
         outputs += [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    return inputs, outputs
+    return inputs + [LOGITS_TO_KEEP], outputs
+
+
+def axis_names(n_layer: int, kv_cache: bool = True) -> dict[str, dict[int, str]]:
+    """Per input and output name, its dynamic axes' names (the ONNX dim_params)."""
+    bt = {0: "batch", 1: "sequence_length"}
+    names: dict[str, dict[int, str]] = {"input_ids": bt, "attention_mask": {0: "batch", 1: "total_sequence_length"},
+                                        "position_ids": bt, "logits": {0: "batch", 1: "logits_sequence_length"}}
+    if kv_cache:
+        for i in range(n_layer):
+            for kv in ("key", "value"):
+                names[f"past_key_values.{i}.{kv}"] = {0: "batch", 2: "past_sequence_length"}
+                names[f"present.{i}.{kv}"] = {0: "batch", 2: "total_sequence_length"}
+    return names
 
 
 def dynamic_shapes(n_layer: int, kv_cache: bool = True) -> dict[str, Any]:
-    """Named dynamic axes for torch.onnx.export (the names become the ONNX dim_params)."""
-    bt = {0: "batch", 1: "sequence_length"}
-    shapes: dict[str, Any] = {"input_ids": bt, "attention_mask": {0: "batch", 1: "total_sequence_length"},
-                              "position_ids": bt}
+    """Dynamic axes for torch.onnx.export, all ``Dim.DYNAMIC`` (what the exporter makes of axis names; the int input
+    logits_to_keep needs a Dim, and then the exporter takes no names: :func:`_name_axes` writes them afterwards)."""
+    from torch.export import Dim
+
+    axes = axis_names(n_layer, kv_cache)
+    shapes: dict[str, Any] = {n: dict.fromkeys(axes[n], Dim.DYNAMIC)
+                              for n in ("input_ids", "attention_mask", "position_ids")}
     if kv_cache:
-        past = {0: "batch", 2: "past_sequence_length"}
+        past = dict.fromkeys(axes["past_key_values.0.key"], Dim.DYNAMIC)
         shapes["past_key_values"] = [(past, past) for _ in range(n_layer)]
+    shapes[LOGITS_TO_KEEP] = Dim.DYNAMIC
     return shapes
 
 
@@ -112,18 +139,19 @@ def example_inputs(config: GPTConfig, kv_cache: bool, dtype: torch.dtype,
                    device: str | torch.device = "cpu") -> tuple[Any, ...]:
     B, T = EXAMPLE_BATCH, EXAMPLE_NEW
     P = EXAMPLE_PAST if kv_cache else 0
+    keep = EXAMPLE_KEEP  # traced as a symbolic int: an int64 scalar input of the graph
     if config.block_size < P + T:
         raise UserError(f"the model context of {config.block_size} is below {P + T} tokens; too small to export")
     ids = torch.randint(0, config.vocab_size, (B, T), device=device)
     mask = torch.ones(B, P + T, dtype=torch.long, device=device)
     pos = torch.arange(P, P + T, device=device).expand(B, T).contiguous()
     if not kv_cache:
-        return ids, mask, pos
+        return ids, mask, pos, keep
     assert config.n_kv_head is not None and config.head_dim is not None  # filled by GPTConfig.__post_init__
     shape = (B, config.n_kv_head, P, config.head_dim)
     past = [(torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device))
             for _ in range(config.n_layer)]
-    return ids, mask, pos, past
+    return ids, mask, pos, past, keep
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -197,19 +225,34 @@ def export_program(model: GPT, *, kv_cache: bool = True, dtype: str = "fp32",
         net.train(was_training)
     assert program is not None  # dynamo=True always returns an ONNXProgram
     ir_model = program.model
-    _name_total_length(ir_model)
+    _name_axes(ir_model, axis_names(cfg.n_layer, kv_cache))
+    _default_logits_to_keep(ir_model)
     return ir_model
 
 
-def _name_total_length(ir_model: ir.Model) -> None:
-    """present.* come out as (batch, kv, 'past_sequence_length + sequence_length', D): name that axis as the
-    attention mask's, total_sequence_length, the way ONNX Runtime GenAI and Optimum do."""
+def _default_logits_to_keep(ir_model: ir.Model) -> None:
+    """Give the logits_to_keep input a default of 0 (an initializer of the same name: ONNX Runtime's overridable
+    initializer), so a runtime that does not know the input (onnxruntime-genai's Generator, Triton, older callers)
+    may leave it out and gets every position, as before; hotpath's callers feed it."""
+    import numpy as np
     import onnx_ir as ir
 
-    for value in ir_model.graph.outputs:
-        if (value.name or "").startswith("present.") and value.shape is not None and len(value.shape) == 4:
+    value = next(v for v in ir_model.graph.inputs if v.name == LOGITS_TO_KEEP)
+    value.const_value = ir.tensor(np.array(0, dtype=np.int64), name=LOGITS_TO_KEEP)
+    ir_model.graph.register_initializer(value)
+
+
+def _name_axes(ir_model: ir.Model, names: dict[str, dict[int, str]]) -> None:
+    """Give the graph's inputs and outputs their axis names (the exporter writes torch's symbols, s0, s1, and
+    expressions such as 'past + sequence' for present.*), the way ONNX Runtime GenAI and Optimum name them."""
+    import onnx_ir as ir
+
+    for value in [*ir_model.graph.inputs, *ir_model.graph.outputs]:
+        axes = names.get(value.name or "")
+        if axes and value.shape is not None:
             dims = list(value.shape)
-            dims[2] = ir.SymbolicDim("total_sequence_length")
+            for axis, name in axes.items():
+                dims[axis] = ir.SymbolicDim(name)
             value.shape = ir.Shape(dims)
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 from common.errors import UserError
 from common.files import atomic_path, write_json_atomic
 
+from .onnx_meta import graph_without_logits_to_keep
 from .trt_runtime import FORMAT, FORMAT_VERSION, metadata_path
 
 if TYPE_CHECKING:
@@ -153,7 +154,12 @@ def build_serialized(trt: Any, onnx_path: Path, profiles: list[Profile], *, spar
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: always strongly typed
     network = builder.create_network(1 << int(flag) if flag is not None else 0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # reads external data beside the file too
+    # TensorRT would take the logits_to_keep scalar as a shape tensor needing its own profile values and host
+    # buffer: an engine keeps every position's logits instead (the TensorRT backend slices them)
+    frozen = graph_without_logits_to_keep(onnx_path)
+    parsed = (parser.parse(frozen, str(onnx_path)) if frozen is not None  # path: where the external data lies
+              else parser.parse_from_file(str(onnx_path)))  # reads external data beside the file too
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors[:400]}")
     config = builder.create_builder_config()

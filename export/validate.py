@@ -5,7 +5,10 @@ inputs; each check reports the max absolute difference of the logits, the top-1 
 position, and one check the greedy-decode agreement (how many of 32 greedy tokens, made with each side's own KV
 cache, match before the first difference). Checks:
 
-- ``random prefill``: random token ids, batch 2, empty past;
+- ``random prefill``: random token ids, batch 2, empty past, every position's logits (``logits_to_keep`` 0, what
+  evaluation asks for);
+- ``last-token prefill``: the same prefill with ``logits_to_keep`` 1 (what generation asks for): the graph must
+  return the last position only, (2, 1, vocab), equal to PyTorch's last position;
 - ``random decode``: one more random token per row, each side on its own cache (KV exports);
 - ``left-padded batch``: two prompts of different lengths, left-padded with a mask, prefill and one decode step,
   against each prompt run alone and unpadded in PyTorch (only real positions compared);
@@ -188,6 +191,12 @@ def validate_decoder(decoder: OnnxDecoder, model: GPT, tokenizer: Tokenizer, dty
     ort_logits, ort_past = decoder.forward(ids)
     ref_logits, ref_past = torch_run(ids)
     report.checks.append(_compare("random prefill", ort_logits, ref_logits))
+    last, _ = decoder.forward(ids, logits_to_keep=1)
+    if last.shape == (2, 1, V):
+        report.checks.append(_compare("last-token prefill", last, ref_logits[:, -1:]))
+    else:  # a graph that ignores logits_to_keep: a shape error shows as a NaN difference, which fails
+        report.checks.append(Check("last-token prefill", max_abs_diff=float("nan"), logits_scale=0.0))
+        report.notes.append(f"logits_to_keep=1 gave logits of shape {last.shape}, not (2, 1, {V})")
     if kv:
         nxt = rng.integers(0, V, size=(2, 1), dtype=np.int64)
         ort_logits, _ = decoder.forward(nxt, past=ort_past)

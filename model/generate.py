@@ -34,7 +34,7 @@ def stream_tokens(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids) + 1)
     ids = torch.tensor([prompt_ids], device=device)
-    logits, past = model(ids, use_cache=True)
+    logits, past = model(ids, use_cache=True, logits_to_keep=1)  # the LM head on the last position only
     for i in range(max_new_tokens):
         nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         token = int(nxt.item())

@@ -253,8 +253,12 @@ class GPT(nn.Module):
         attention_mask: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> Tensor | tuple[Tensor, KVCache]:
         """Logits (B, T, vocab); with ``use_cache`` returns ``(logits, present_key_values)``.
+
+        logits_to_keep: 0 = logits for every position (evaluation, training); k > 0 = only the last k positions,
+        (B, min(k, T), vocab), so a generation prefill skips the LM head (and its T x vocab output) for the prompt.
 
         attention_mask: (B, past_len + T), 1 for real tokens and 0 for (left) padding.
         position_ids: (B, T); by default counted from the past length, skipping padding when a mask is given.
@@ -281,8 +285,20 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x, present = block(x, rope, past_key_values[i] if past_key_values else None, mask)
             presents.append(present)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.ln_f(last_positions(x, logits_to_keep)))
         return (logits, presents) if use_cache else logits
+
+
+def last_positions(x: Tensor, keep: Any) -> Tensor:
+    """x (B, T, C) -> its last `keep` positions (B, min(keep, T), C); keep = 0 keeps all.
+
+    Written as one slice start without branches so that torch.export traces `keep` as a symbolic int and the ONNX
+    graph takes it as an input: start = (T - min(keep, T)) mod T is 0 for keep = 0 and for keep >= T."""
+    if isinstance(keep, int) and keep < 0:
+        raise ValueError(f"logits_to_keep={keep} must be 0 (all positions) or positive")
+    T = x.shape[1]
+    start = (T - torch.sym_min(keep, T)) % T
+    return x[:, start:]
 
 
 def _diag(T: int, past_len: int, device: Device) -> Tensor:

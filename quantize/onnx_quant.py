@@ -58,14 +58,20 @@ FP16_KEEP_FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "Ski
 # ---------------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _quiet_ort():
-    """ONNX Runtime's quantization tools log warnings through `logging` for every unquantizable node."""
+    """ONNX Runtime's quantization tools log warnings through `logging` for every unquantizable node, and their
+    sessions (default options) warn that the export's logits_to_keep default is an initializer that is also an input
+    (on purpose: it is overridable)."""
+    import onnxruntime
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    onnxruntime.set_default_logger_severity(3)  # errors only
     try:
         yield
     finally:
         root.setLevel(level)
+        onnxruntime.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
 
 
 def default_output(src: Path, mode: str) -> Path:

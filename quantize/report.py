@@ -18,7 +18,7 @@ import torch
 
 from common.errors import UserError
 from common.timing import measure_interleaved
-from export.onnx_meta import gpt_config, parse_hotpath_metadata
+from export.onnx_meta import LOGITS_TO_KEEP, gpt_config, parse_hotpath_metadata
 from export.ort_session import open_session
 from model.corpus import EmptyCorpusError, build_corpus
 from model.data import TokenData, eval_windows
@@ -93,8 +93,10 @@ class OrtPrefill:
     """An ONNX Runtime session over a hotpath decoder, run as a prefill (empty past): logits for input_ids.
 
     Feeds are built from the session's own inputs: `input_ids`, `attention_mask` (ones), `position_ids`
-    (0..T-1) and empty past key/values (B, H_kv, 0, D) for a KV-cache export. `config` is needed for a graph
-    without hotpath metadata (ONNX Runtime's pre-processed copy); the CPU provider unless `providers` says."""
+    (0..T-1), empty past key/values (B, H_kv, 0, D) for a KV-cache export, and `logits_to_keep` 0 where the graph
+    has it: evaluation (perplexity, top-1 agreement, calibration) needs every position's logits. `config` is
+    needed for a graph without hotpath metadata (ONNX Runtime's pre-processed copy); the CPU provider unless
+    `providers` says."""
 
     def __init__(self, path: str | os.PathLike, threads: Optional[int] = None, config: Any = None,
                  providers: Optional[Sequence[str]] = None):
@@ -121,6 +123,8 @@ class OrtPrefill:
                 out[i.name] = np.ones((B, T), dtype=dtype)
             elif "position" in name:
                 out[i.name] = np.broadcast_to(np.arange(T, dtype=dtype), (B, T)).copy()
+            elif i.name == LOGITS_TO_KEEP:
+                out[i.name] = np.array(0, dtype=dtype)  # 0 = every position
             elif len(i.shape) == 4:  # past key or value
                 h = i.shape[1] if isinstance(i.shape[1], int) else cfg.n_kv_head
                 d = i.shape[3] if isinstance(i.shape[3], int) else cfg.head_dim

@@ -2,12 +2,14 @@
 
 A backend is a model behind three calls the engine needs, whatever runs it (eager PyTorch, ONNX Runtime, TensorRT):
 
-    forward(input_ids, attention_mask, position_ids, past) -> (logits, present)
+    forward(input_ids, attention_mask, position_ids, past, logits_to_keep=0) -> (logits, present)
         input_ids       int64 (B, T)           new tokens (T = prompt length at prefill, 1 at decode)
         attention_mask  int64 (B, P + T)       1 = real token, 0 = left padding (over past and new tokens)
         position_ids    int64 (B, T)           each new token's position, counting real tokens only
         past            KVCache or None        per layer (key, value), each (B, H_kv, P, D); None = empty
-        logits          float32 (B, T, V)
+        logits_to_keep  int                    0 = logits for every position (evaluation: KServe infer, bench
+                                               quality); k > 0 = the last k only (generation: prefill asks for 1)
+        logits          float32 (B, T, V), or (B, min(k, T), V) for logits_to_keep k > 0
         present         KVCache                per layer (key, value), each (B, H_kv, P + T, D)
 
 All tensors at this boundary are **torch tensors**: inputs may come on the CPU (the backend moves them), logits
@@ -41,7 +43,7 @@ class Backend(Protocol):
     device: torch.device  # where logits and caches live
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]: ...
+                past: Optional[KVCache], logits_to_keep: int = 0) -> tuple[torch.Tensor, KVCache]: ...
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]: ...
 
@@ -63,19 +65,24 @@ class BaseBackend:
     device = torch.device("cpu")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:  # pragma: no cover - abstract
+                past: Optional[KVCache], logits_to_keep: int = 0
+                ) -> tuple[torch.Tensor, KVCache]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
-        """Left-padded prompts (B, T) -> (last-position logits (B, V) float32, cache of length T)."""
+        """Left-padded prompts (B, T) -> (last-position logits (B, V) float32, cache of length T).
+
+        Only the last position's logits are computed (logits_to_keep 1): with left padding it is every row's last
+        real token, and the LM head over the whole prompt would be wasted work and a (B, T, V) buffer."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits, present = self.forward(input_ids, attention_mask, position_ids, None)
+        logits, present = self.forward(input_ids, attention_mask, position_ids, None, logits_to_keep=1)
         return logits[:, -1].float(), present
 
     def decode(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                past: KVCache) -> tuple[torch.Tensor, KVCache]:
         """One token per row: tokens (B,), mask (B, P + 1), positions (B,) -> (logits (B, V), cache P + 1)."""
-        logits, present = self.forward(tokens.view(-1, 1), attention_mask, position_ids.view(-1, 1), past)
+        logits, present = self.forward(tokens.view(-1, 1), attention_mask, position_ids.view(-1, 1), past,
+                                       logits_to_keep=1)
         return logits[:, -1].float(), present
 
     def close(self) -> None:

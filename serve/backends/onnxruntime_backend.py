@@ -41,11 +41,11 @@ class OnnxRuntimeBackend(BaseBackend):
         self.description = f"onnxruntime ({self.decoder.provider}, {self.decoder.dtype.name}, {Path(path).name})"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
+                past: Optional[KVCache], logits_to_keep: int = 0) -> tuple[torch.Tensor, KVCache]:
         B = input_ids.shape[0]
         np_past = self.decoder.empty_past(B) if past is None else [(_np(k), _np(v)) for k, v in past]
         logits, present = self.decoder.forward(_np(input_ids.long()), _np(attention_mask.long()),
-                                               _np(position_ids.long()), np_past)
+                                               _np(position_ids.long()), np_past, logits_to_keep=logits_to_keep)
         assert present is not None  # a KV-cache export (checked when opened) always returns one
         return (torch.from_numpy(np.ascontiguousarray(logits)).float(),
                 [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in present])

@@ -68,7 +68,7 @@ class TensorRTBackend(BaseBackend):
         self.description = f"tensorrt ({meta.get('precision', '?')}, {gpu}, {path.name})"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
+                past: Optional[KVCache], logits_to_keep: int = 0) -> tuple[torch.Tensor, KVCache]:
         dev = self.device
         B = input_ids.shape[0]
         if past is None:
@@ -81,4 +81,5 @@ class TensorRTBackend(BaseBackend):
             feeds[f"past_key_values.{i}.value"] = v.to(dev).contiguous()
         out = self.engine.infer(feeds)
         present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.n_layer)]
-        return out["logits"].float(), present
+        logits = out["logits"]  # every position: the engine is built with logits_to_keep frozen to 0 (export.to_trt)
+        return (logits[:, -logits_to_keep:] if logits_to_keep else logits).float(), present

@@ -62,8 +62,9 @@ class TorchBackend(BaseBackend):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                past: Optional[KVCache]) -> tuple[torch.Tensor, KVCache]:
+                past: Optional[KVCache], logits_to_keep: int = 0) -> tuple[torch.Tensor, KVCache]:
         dev = self.device
         logits, present = self.model(input_ids.to(dev), attention_mask=attention_mask.to(dev),
-                                     position_ids=position_ids.to(dev), past_key_values=past, use_cache=True)
+                                     position_ids=position_ids.to(dev), past_key_values=past, use_cache=True,
+                                     logits_to_keep=logits_to_keep)
         return logits.float(), list(present)

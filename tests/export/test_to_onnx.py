@@ -28,9 +28,11 @@ def test_export_writes_a_validated_kv_decoder(onnx_export, tiny_model):
     cfg = model.config
     assert report["ok"] and report["validation"]["passed"]
     checks = {c["name"]: c for c in report["validation"]["checks"]}
-    assert set(checks) == {"random prefill", "random decode", "left-padded batch", "corpus text", "greedy 32"}
+    assert set(checks) == {"random prefill", "last-token prefill", "random decode", "left-padded batch",
+                           "corpus text", "greedy 32"}
     assert checks["greedy 32"]["greedy_match"] == checks["greedy 32"]["greedy_total"] == 32
-    for name in ("random prefill", "random decode", "left-padded batch", "corpus text"):
+    assert checks["last-token prefill"]["positions"] == 2  # one per row: the graph returned the last position only
+    for name in ("random prefill", "last-token prefill", "random decode", "left-padded batch", "corpus text"):
         assert checks[name]["max_abs_diff"] < 1e-4 and checks[name]["top1_agreement"] == 1.0
     assert not list(path.parent.glob(".*"))  # no temporary leftovers
 
@@ -42,12 +44,17 @@ def test_export_writes_a_validated_kv_decoder(onnx_export, tiny_model):
     assert ins["input_ids"] == ["batch", "sequence_length"]
     assert ins["attention_mask"] == ["batch", "total_sequence_length"]
     assert ins["position_ids"] == ["batch", "sequence_length"]
-    assert outs["logits"] == ["batch", "sequence_length", cfg.vocab_size]
+    assert outs["logits"] == ["batch", "logits_sequence_length", cfg.vocab_size]
+    assert ins["logits_to_keep"] == []  # an int64 scalar
+    assert next(i for i in proto.graph.input if i.name == "logits_to_keep").type.tensor_type.elem_type == \
+        onnx.TensorProto.INT64
+    default = [i for i in proto.graph.initializer if i.name == "logits_to_keep"]  # may be left out: 0, every position
+    assert len(default) == 1 and onnx.numpy_helper.to_array(default[0]) == 0
     for i in range(cfg.n_layer):
         for kind in ("key", "value"):
             assert ins[f"past_key_values.{i}.{kind}"] == ["batch", kv, "past_sequence_length", d]
             assert outs[f"present.{i}.{kind}"] == ["batch", kv, "total_sequence_length", d]
-    assert len(ins) == 3 + 2 * cfg.n_layer and len(outs) == 1 + 2 * cfg.n_layer
+    assert len(ins) == 4 + 2 * cfg.n_layer and len(outs) == 1 + 2 * cfg.n_layer
 
 
 @pytest.mark.slow
@@ -170,6 +177,11 @@ def test_patched_model_without_kv_cache_exports(tiny_model, tmp_path):
     assert report.validation.greedy == (32, 32)
     dec = OnnxDecoder(report.path)
     assert not dec.kv_cache and dec.input_names == ["input_ids", "attention_mask", "position_ids"]
+    assert dec.has_logits_to_keep  # an overridable initializer: ONNX Runtime does not list it among the inputs
+    ids = np.array([tokenizer.encode("def f(x):").ids])
+    full, _ = dec.forward(ids)
+    last, _ = dec.forward(ids, logits_to_keep=1)
+    assert last.shape == (1, 1, full.shape[-1]) and np.allclose(last, full[:, -1:], atol=1e-5)
     prompt = tokenizer.encode("import os\n").ids
     assert dec.generate(prompt, 10) == generate(model, prompt, 10)
     with pytest.raises(ValueError, match="without a KV cache"):
@@ -217,6 +229,6 @@ def test_shape_helpers():
     assert default_out_path(Path("a/ckpt.pt"), "fp16") == Path("a/ckpt.fp16.onnx")
     ins, outs = io_names(2)
     assert ins[3:] == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key",
-                       "past_key_values.1.value"]
+                       "past_key_values.1.value", "logits_to_keep"]
     assert outs == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
     assert "past_key_values" not in dynamic_shapes(2, kv_cache=False)

@@ -289,6 +289,12 @@ class FakeTrt(types.SimpleNamespace):
                 calls.append(("parse", Path(path).name))
                 return True
 
+            def parse(self, model, path):
+                proto = onnx.load_from_string(bytes(model))
+                calls.append(("parse", Path(path).name))
+                calls.append(("parsed_inputs", [i.name for i in proto.graph.input]))
+                return True
+
         self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
@@ -318,6 +324,9 @@ def test_build_with_a_fake_tensorrt_writes_plan_json_and_timing_cache(onnx_expor
     assert names.index("parse") < names.index("set_shape") < names.index("build")
     n_inputs = len(meta["profiles"][0]["shapes"])
     assert names.count("set_shape") == 2 * n_inputs
+    # the export's logits_to_keep input is frozen to 0 before parsing: the profiles cover every input TensorRT sees
+    parsed_inputs = next(c[1] for c in fake.calls if c[0] == "parsed_inputs")
+    assert "logits_to_keep" not in parsed_inputs and sorted(parsed_inputs) == sorted(meta["profiles"][0]["shapes"])
     assert "2:4 sparse" in capsys.readouterr().err
 
 

@@ -110,3 +110,18 @@ def test_explicit_head_dim_decouples_heads_from_width():
     logits, past = m(x[:, :5], use_cache=True)
     step, _ = m(x[:, 5:], past_key_values=past, use_cache=True)
     torch.testing.assert_close(torch.cat([logits, step], 1), m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_logits_to_keep_returns_the_last_positions(variant):
+    model = make(variant)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        assert model(ids, logits_to_keep=0).shape == full.shape  # 0 = every position (evaluation)
+        for k, n in [(1, 1), (4, 4), (9, 9), (50, 9)]:  # k >= T keeps all T
+            kept, cache = model(ids, logits_to_keep=k, use_cache=True)
+            assert kept.shape == (2, n, 97) and len(cache) == model.config.n_layer
+            torch.testing.assert_close(kept, full[:, -n:], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)

@@ -51,6 +51,14 @@ def test_mode_runs_in_ort_with_kv_cache(tiny_onnx, fp32_run, mode, tmp_path):
     pos = np.broadcast_to(np.arange(T), (B, T)).copy()
     full, _ = dec.forward(ids, np.ones_like(ids), pos, dec.empty_past(B))
     assert full.dtype == np.float32 and full.shape == ref_logits.shape
+    # the quantized graph keeps the logits_to_keep input: generation's prefill gets the last position only
+    assert dec.has_logits_to_keep
+    last, _ = dec.forward(ids, logits_to_keep=1)
+    assert last.shape == (B, 1, full.shape[-1])
+    if mode == "int8-dynamic":  # activations are quantized per call: the LM head's input scale now covers 1 row
+        assert sqnr_db(full[:, -1:], last) > 25
+    else:
+        np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
     logits, past = dec.forward(ids[:, :16], np.ones((B, 16), np.int64), pos[:, :16], dec.empty_past(B))
     steps = [logits]
     for t in range(16, T):

@@ -32,6 +32,9 @@ def test_written_repo_matches_triton_schema_and_onnx(repo, tiny_onnx):
     assert (repo / "1" / "model.onnx").read_bytes() == tiny_onnx.read_bytes()
     sig = onnx_signature(tiny_onnx)
     assert [t.name for t in cfg.input] == [t.name for t in sig.inputs]
+    # the export's logits_to_keep has a default (0: every position), so Triton, which batches every declared input
+    # on axis 0, is not given that scalar: it serves the raw step with every position's logits
+    assert "logits_to_keep" not in [t.name for t in cfg.input]
     assert [t.name for t in cfg.output] == [t.name for t in sig.outputs]
     logits = next(t for t in cfg.output if t.name == "logits")
     assert list(logits.dims) == [-1, 512] and logits.data_type == mc.TYPE_FP32
