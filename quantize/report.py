@@ -177,8 +177,8 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _mb(n: Optional[int]) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f} MB"
+def _mib(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f} MiB"
 
 
 def _ms(seconds: float) -> str:
@@ -190,7 +190,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r.get('what', 'result')}: {r.get('output', '')}"]
     if "size_before" in r:
         ratio = r["size_before"] / r["size_after"] if r.get("size_after") else float("nan")
-        lines.append(f"  file size     {_mb(r['size_before'])} -> {_mb(r['size_after'])}  ({ratio:.2f}x smaller)")
+        lines.append(f"  file size     {_mib(r['size_before'])} -> {_mib(r['size_after'])}  ({ratio:.2f}x smaller)")
     if "params_before" in r:
         lines.append(f"  parameters    {r['params_before']:,} -> {r['params_after']:,}"
                      + (f"  (non-zero {r['nonzero_after']:,})" if "nonzero_after" in r else ""))

@@ -1,5 +1,6 @@
 """ONNX modes through ONNX Runtime's tools: outputs load in export's OnnxDecoder (what serve runs), keep the
 hotpath metadata, and stay close to fp32 (SQNR of logits, perplexity delta); calibration cache reuse; CLI report."""
+import importlib.util
 import json
 
 import numpy as np
@@ -89,6 +90,26 @@ def test_static_is_qdq_symmetric_and_reuses_calibration(tiny_onnx, tmp_path):
     quantize_onnx(tiny_onnx, "int8-static", out=out, calib_samples=4, calib_method="entropy", corpus=["/nonexistent"])
     again = json.loads(read_metadata_props(out)["hotpath.quantization"])
     assert again["calibration"]["reused"] is True
+
+
+def test_outputs_have_one_mode_and_run_in_onnxruntime_genai(tiny_onnx, tmp_path):
+    """Every file an export and a quantize write is 0644 (under the usual umask), the calibration cache ONNX Runtime
+    writes included; the quantized decoder gets its own genai_config.json, which GenAI runs when installed."""
+    from common.files import OUTPUT_MODE
+    from export.onnx_runtime import OnnxDecoder
+
+    from tests.helpers import genai_greedy
+
+    out = quantize_onnx(tiny_onnx, "int8-static", out=tmp_path / "s.onnx", calib_samples=4, corpus_bytes=400_000)
+    written = sorted(tmp_path.iterdir()) + sorted(tiny_onnx.parent.iterdir())
+    assert {p.name for p in written} >= {"s.onnx", "s.calib-minmax-4.json", "genai_config.json", tiny_onnx.name}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(OUTPUT_MODE) for p in written}
+    config = json.loads((tmp_path / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "s.onnx"
+    assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        prompt = [5, 17, 33, 101, 7]
+        assert genai_greedy(tmp_path, prompt, 8) == OnnxDecoder(out).generate(prompt, 8)
 
 
 def test_exclude_keeps_nodes_in_float(tiny_onnx, tmp_path):
