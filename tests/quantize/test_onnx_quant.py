@@ -130,16 +130,21 @@ def test_cli_reports_and_gates(tiny_onnx, tmp_path, capsys):
     out = tmp_path / "g.onnx"
     assert main([str(tiny_onnx), "--mode", "int8-dynamic", "--out", str(out), "--eval-windows", "4",
                  "--corpus-bytes", "400000", "--latency-repeats", "1", "--max-ppl-increase", "50"]) == 0
-    text = capsys.readouterr().out
-    for word in ("file size", "perplexity", "top-1 agrees", "latency", "x faster" if "faster" in text else "x slower"):
+    captured = capsys.readouterr()
+    text = captured.out
+    for word in ("file size", "perplexity", "top-1 agrees", "KL ", "latency", "peak memory",
+                 "x faster" if "faster" in text else "x slower"):
         assert word in text
+    assert "4/4" in captured.err  # the evaluation's progress bar (windows)
     # a gate below any possible change fails with exit 1 and says by how much
     assert main([str(tiny_onnx), "--mode", "int8-dynamic", "--out", str(out), "--eval-windows", "4",
                  "--corpus-bytes", "400000", "--latency-repeats", "0", "--max-ppl-increase", "-99"]) == 1
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert err.startswith("error: perplexity rose") and "over --max-ppl-increase -99%" in err
     r = json.loads(_json_run(main, tiny_onnx, out, capsys))
-    assert {"size_before", "size_after", "ppl_before", "ppl_after", "top1_agreement", "latency"} <= set(r)
+    assert {"size_before", "size_after", "ppl_before", "ppl_after", "top1_agreement", "kl_per_token", "latency",
+            "peak_rss_mib"} <= set(r)
+    assert r["kl_per_token"] >= 0 and 50 < r["peak_rss_mib"] < 100_000
     assert r["latency"]["shape"] == [8, 64]  # batch 8 x the tiny context
 
 
