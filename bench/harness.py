@@ -14,7 +14,7 @@ import psutil
 from common.timing import Timing
 
 
-def rss_mb() -> float:
+def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -27,7 +27,7 @@ def reset_peak_rss() -> None:
         pass  # not Linux, or not allowed: the peak then counts from process start
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mib() -> float:
     """Peak resident memory of this process since start or the last reset. On CPU the allocators of torch and
     ONNX Runtime are invisible to tracemalloc, so the process's own high-water mark is the common honest measure."""
     try:

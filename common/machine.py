@@ -59,3 +59,13 @@ def machine_info(threads: Optional[int] = None) -> dict[str, Any]:
         **gpu_info(),
         **library_versions(),
     }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since it started, in MiB (2**20 bytes): `getrusage`'s ru_maxrss, which
+    Linux reports in KiB (macOS in bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -22,8 +22,9 @@ position_ids and logits_to_keep. Exported with ``torch.onnx.export(dynamo=True)`
 
 The config, tokenizer, hotpath version, source hash, dtype and KV-cache flag go into the model's metadata
 (:mod:`export.onnx_meta`), so the `.onnx` alone is enough to serve. Models over 2 GB get their weights in
-``<name>.onnx.data`` beside the graph. Then :mod:`export.validate` compares ONNX Runtime with PyTorch; past
-tolerance the file is kept as ``<stem>.failed.onnx`` and the command exits 1.
+``<name>.onnx.data`` beside the graph; a validated KV-cache decoder gets ``genai_config.json`` beside it
+(:mod:`export.genai_config`: ONNX Runtime GenAI runs it as written). Then :mod:`export.validate` compares ONNX
+Runtime with PyTorch; past tolerance the file is kept as ``<stem>.failed.onnx`` and the command exits 1.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ from common.errors import UserError
 from common.files import sha256_file
 from model.gpt import GPT, GPTConfig, sdpa_attention
 
+from .genai_config import write_genai_config
 from .onnx_meta import LOGITS_TO_KEEP, make_hotpath_metadata
 from .validate import TOLERANCES, Check, Tolerance, ValidationReport
 
@@ -355,12 +357,15 @@ class ExportReport:
     export_seconds: float = 0.0
     validation: Optional[ValidationReport] = None
     notes: list[str] = field(default_factory=list)
+    genai_config: Optional[Path] = None  # genai_config.json beside the file (a validated KV-cache decoder)
 
     def summary(self) -> str:
-        size = f"{self.file_bytes / 1e6:.1f} MB" + (" (external data)" if self.external_data else "")
+        size = f"{self.file_bytes / 2**20:.1f} MiB" + (" (external data)" if self.external_data else "")
         head = (f"{'wrote' if self.ok else 'FAILED validation, kept'} {self.path} ({size}, {self.dtype}, "
                 f"{'KV cache' if self.kv_cache else 'no KV cache'}, opset {self.opset}, "
                 f"exported in {self.export_seconds:.1f}s)")
+        if self.genai_config is not None:
+            head += f"\n  ONNX Runtime GenAI config: {self.genai_config}"
         if self.validation is None:
             lines = [f"  note: {n}" for n in self.notes] or ["  validation skipped (--no-validate)"]
             return "\n".join([head, *lines])
@@ -375,7 +380,8 @@ class ExportReport:
                 "opset": self.opset, "source_sha256": self.source_sha256, "files": [str(f) for f in self.files],
                 "file_bytes": self.file_bytes, "external_data": self.external_data,
                 "export_seconds": self.export_seconds, "notes": list(self.notes),
-                "validation": self.validation.to_dict() if self.validation else None}
+                "validation": self.validation.to_dict() if self.validation else None,
+                "genai_config": str(self.genai_config) if self.genai_config else None}
 
 
 def _load_source(checkpoint_or_model: str | os.PathLike | GPT, tokenizer: Optional[Tokenizer],
@@ -479,6 +485,8 @@ def export_onnx(checkpoint_or_model: str | os.PathLike | GPT, out_path: str | os
         final = out_path if report.ok else failed_path(out_path)
         report.files = _move_into_place(tmpdir, out_path, final)
         report.path = final
+        if report.ok:  # a failed file gets none: GenAI would run it
+            report.genai_config = write_genai_config(final)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return report

@@ -271,7 +271,7 @@ def build_engine(source: str | os.PathLike, *, precision: str = "fp32", sparsity
                            workspace_gib=plan.workspace_gib, timing_cache=plan.timing_cache,
                            build_seconds=time.perf_counter() - t0)
     write_plan(plan.out, blob, meta)
-    say(f"wrote {plan.out} ({len(blob) / 1e6:.1f} MB) and {metadata_path(plan.out).name} in "
+    say(f"wrote {plan.out} ({len(blob) / 2**20:.1f} MiB) and {metadata_path(plan.out).name} in "
         f"{meta['build_seconds']:.1f}s")
     return plan.out
 

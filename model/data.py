@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from .corpus import Corpus
 from .tokenizer import eos_id
@@ -58,20 +60,26 @@ def eval_windows(ids: torch.Tensor, block: int,
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, block: int, batch_size: int = 8,
-                  max_windows: Optional[int] = 64, device: str | torch.device = "cpu") -> float:
-    """Mean next-token cross-entropy (nats) over deterministic validation windows."""
+                  max_windows: Optional[int] = 64, device: str | torch.device = "cpu", progress: bool = False) -> float:
+    """Mean next-token cross-entropy (nats) over deterministic validation windows, `batch_size` windows per forward:
+    the logits held at once are batch_size x block x vocab floats (batch_size=1 for a large vocabulary)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     windows = list(eval_windows(ids, block, max_windows))
     if not windows:
         raise ValueError(f"the validation split ({len(ids)} tokens) is shorter than one window of {block + 1}")
+    bar = tqdm(total=len(windows), desc="evaluating", unit="window", dynamic_ncols=True, file=sys.stderr,
+               disable=not progress)
     for i in range(0, len(windows), batch_size):
         x = torch.stack([w[0] for w in windows[i : i + batch_size]]).to(device)
         y = torch.stack([w[1] for w in windows[i : i + batch_size]]).to(device)
         logits = model(x)
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
         count += y.numel()
+        del logits
+        bar.update(len(x))
+    bar.close()
     model.train(was_training)
     return total / count
 

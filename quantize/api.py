@@ -12,7 +12,7 @@ import torch
 
 from common.errors import UserError
 from common.files import existing_file
-from common.machine import machine_info
+from common.machine import machine_info, peak_rss_mib
 from export.onnx_meta import read_hotpath_metadata, read_metadata_props, tokenizer_of
 from model.data import TokenData
 
@@ -67,7 +67,7 @@ def eval_data(model_path: Path, corpus: Optional[list[str]] = None, corpus_bytes
 
 def perplexity_onnx(path: str | os.PathLike, *, windows: int = R.DEFAULT_EVAL_WINDOWS,
                     corpus: Optional[list[str]] = None, corpus_bytes: Optional[int] = None,
-                    threads: Optional[int] = None, batch_size: int = 8) -> dict[str, Any]:
+                    threads: Optional[int] = None, batch_size: int = R.EVAL_CHUNK) -> dict[str, Any]:
     """Held-out perplexity of a hotpath .onnx in ONNX Runtime: {'loss', 'ppl', 'tokens'}."""
     path = existing_file(path, "model")
     prefill = R.OrtPrefill(path, threads=threads)
@@ -85,8 +85,9 @@ def run_quantization(model_path: str | os.PathLike, mode: str, out: str | os.Pat
     """Quantize a checkpoint or hotpath .onnx with `mode` and (by default) measure it against fp32 in this run.
 
     Returns the report dict: output, mode, size_before/size_after (bytes), ppl_before/ppl_after,
-    ppl_increase_pct, top1_agreement, eval_tokens, latency {runtime, shape, threads, baseline, variant, speedup},
-    machine. `opts` go to `quantize_onnx` (calibration, exclude, block size...)."""
+    ppl_increase_pct, top1_agreement, kl_per_token, eval_tokens, latency {runtime, shape, threads, baseline, variant,
+    speedup}, machine, peak_rss_mib (this process's peak RSS, MiB). `opts` go to `quantize_onnx` (calibration,
+    exclude, block size...)."""
     src = existing_file(model_path, "model")
     check_mode(mode, src)
     threads = threads or os.cpu_count() or 1
@@ -111,6 +112,7 @@ def run_quantization(model_path: str | os.PathLike, mode: str, out: str | os.Pat
             r.update(R.compare(base, var, batches,
                                latency_inputs=R.latency_batch(cfg.vocab_size, cfg.block_size, latency_shape),
                                runtime="onnxruntime CPU", threads=threads, repeats=latency_repeats))
+        r["peak_rss_mib"] = peak_rss_mib()
         return r
 
 
@@ -142,4 +144,5 @@ def _run_torch(src: Path, mode: str, out: str | os.PathLike | None, *, evaluate:
                            latency_inputs=R.latency_batch(model.config.vocab_size, model.config.block_size,
                                                           latency_shape),
                            runtime="torch eager CPU", threads=threads, repeats=latency_repeats))
+    r["peak_rss_mib"] = peak_rss_mib()
     return r

@@ -40,6 +40,7 @@ import torch
 
 from common.errors import UserError
 from common.files import atomic_path, existing_file
+from export.genai_config import write_genai_config
 from export.onnx_check import check_onnx_file
 from export.onnx_meta import gpt_config, parse_hotpath_metadata, read_metadata_props, set_metadata_props, tokenizer_of
 
@@ -255,7 +256,9 @@ def quantize_onnx(src_onnx: str | os.PathLike, mode: str, out: str | os.PathLike
         props = {**meta["props"], "hotpath.quantization": json.dumps(details)}
         if mode == "fp16":
             props["hotpath.dtype"] = "fp16"  # weights and KV cache, as export's own fp16 decoder
-        return _save(model, out, props)
+        _save(model, out, props)
+    write_genai_config(out)  # a quantized decoder runs in ONNX Runtime GenAI as the fp32 one does
+    return out
 
 
 def _fp16(source: onnx.ModelProto, exclude: list[str], details: dict) -> onnx.ModelProto:
@@ -298,6 +301,7 @@ def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, meta: dict[st
     if stale:
         cache.unlink()
     reused = cache.exists()
+    fresh_cache = out.with_name(cache.name)  # in quantize_onnx's temporary folder, beside `out`
     reader = None
     if not reused:
         prefill = R.OrtPrefill(pre, threads=threads, config=gpt_config(meta))
@@ -321,11 +325,14 @@ def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, meta: dict[st
                             op_types_to_quantize=list(op_types), per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=list(excluded), calibrate_method=method, extra_options=extra,
-                            calibration_cache_path=str(cache))
+                            calibration_cache_path=str(cache if reused else fresh_cache))
         except ValueError as e:
             if reused:
                 raise UserError(f"calibration cache {cache} does not fit this model ({e}); pass --recalibrate") from e
             raise
+    if not reused and fresh_cache.exists():  # ONNX Runtime writes it in place, 0600: moved in whole, 0644
+        with atomic_path(cache) as tmp:
+            os.replace(fresh_cache, tmp)
     return onnx.load(str(out))
 
 

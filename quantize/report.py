@@ -2,19 +2,23 @@
 
 Accuracy: perplexity on the held-out split (deterministic windows of the model context, as `model.eval`), and
 top-1 agreement (the fraction of positions where the transformed model's most likely next token equals the fp32
-model's). Speed: median prefill latency over repeats after warm-up, with the spread (min..max), ratio against fp32
-(`common.timing`, both models interleaved run by run). Never a speedup without its accuracy cost: `format_report`
-prints them on one table.
+model's), and KL(fp32 || transformed) per token. Evaluation streams: one chunk of windows through both models,
+reduced at once to per-token sums, so memory stays O(chunk x context x vocab) whatever the number of windows
+(`EVAL_CHUNK`), with a progress bar. Speed: median prefill latency over repeats after warm-up, with the spread
+(min..max), ratio against fp32 (`common.timing`, both models interleaved run by run). Never a speedup without its
+accuracy cost: `format_report` prints them on one table.
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.errors import UserError
 from common.timing import measure_interleaved
@@ -24,6 +28,10 @@ from model.corpus import EmptyCorpusError, build_corpus
 from model.data import TokenData, eval_windows
 
 DEFAULT_EVAL_WINDOWS = 32
+# windows per model call: the logits held at once are EVAL_CHUNK x context x vocab floats (GPT-2 124M: 206 MB a
+# window; batches of 8 in two sessions once took 19.6 GB)
+EVAL_CHUNK = 1
+REDUCE_ROWS = 256  # positions reduced at a time: log-softmax temporaries of REDUCE_ROWS x vocab floats
 DEFAULT_LATENCY_SHAPE = (8, 256)  # batch x tokens: the issue's prefill benchmark
 LATENCY_WARMUP = 2
 
@@ -48,8 +56,10 @@ def load_token_data(tokenizer: Any, meta: Optional[dict] = None, corpus: Optiona
     return TokenData.encode(c, tokenizer)
 
 
-def eval_batches(ids: torch.Tensor, block: int, windows: int = DEFAULT_EVAL_WINDOWS, batch_size: int = 8) -> Batches:
-    """Deterministic non-overlapping windows of `block` tokens, batched: list of (x, y) int64 (B, block)."""
+def eval_batches(ids: torch.Tensor, block: int, windows: int = DEFAULT_EVAL_WINDOWS,
+                 batch_size: int = EVAL_CHUNK) -> Batches:
+    """Deterministic non-overlapping windows of `block` tokens, in chunks of `batch_size` windows: list of (x, y)
+    int64 (chunk, block). One model call per chunk, so the chunk bounds the logits held at once."""
     ws = list(eval_windows(ids, block, windows))
     if not ws:
         raise UserError(f"the validation split ({len(ids)} tokens) is shorter than one window of {block + 1} "
@@ -58,23 +68,59 @@ def eval_batches(ids: torch.Tensor, block: int, windows: int = DEFAULT_EVAL_WIND
             for i in range(0, len(ws), batch_size)]
 
 
-def score(logits_fn: LogitsFn, batches: Batches,
-          reference_top1: Optional[list[np.ndarray]] = None) -> dict[str, Any]:
-    """Loss, perplexity, the argmax per position, and agreement with `reference_top1` when given."""
-    total, count, agree, top1 = 0.0, 0, 0, []
-    for i, (x, y) in enumerate(batches):
-        logits = torch.as_tensor(np.asarray(logits_fn(x))).float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
-        t1 = logits.argmax(-1).numpy()
-        top1.append(t1)
-        if reference_top1 is not None:
-            agree += int((t1 == reference_top1[i]).sum())
+def _logits(fn: LogitsFn, x: torch.Tensor) -> torch.Tensor:
+    """(positions, vocab) float32 logits of one chunk; no copy when the function returns float32."""
+    out = fn(x)
+    t = out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))
+    return t.float().reshape(-1, t.shape[-1])
+
+
+def _row_slices(n: int) -> range:
+    return range(0, n, REDUCE_ROWS)
+
+
+def _bar(batches: Batches, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=sum(len(x) for x, _ in batches), desc=desc, unit="window", dynamic_ncols=True,
+                file=sys.stderr, disable=not progress)
+
+
+@torch.no_grad()
+def score(logits_fn: LogitsFn, batches: Batches, *, progress: bool = False) -> dict[str, Any]:
+    """Held-out loss and perplexity of one model, chunk by chunk: {'loss', 'ppl', 'tokens'}."""
+    total, count = 0.0, 0
+    with _bar(batches, "evaluating", progress) as bar:
+        for x, y in batches:
+            logits, target = _logits(logits_fn, x), y.reshape(-1)
+            for s in _row_slices(len(target)):
+                logp = torch.log_softmax(logits[s:s + REDUCE_ROWS], -1)
+                total -= logp.gather(1, target[s:s + REDUCE_ROWS, None]).sum(dtype=torch.float64).item()
+            count += len(target)
+            bar.update(len(x))
     loss = total / count
-    out: dict[str, Any] = {"loss": loss, "ppl": math.exp(loss), "tokens": count, "top1": top1}
-    if reference_top1 is not None:
-        out["top1_agreement"] = agree / count
-    return out
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+
+
+@torch.no_grad()
+def score_pair(baseline_fn: LogitsFn, variant_fn: LogitsFn, batches: Batches, *,
+               progress: bool = False) -> dict[str, Any]:
+    """Both models on each chunk in turn, reduced at once to per-token sums (loss of each, top-1 agreement,
+    KL(baseline || variant)) and dropped: memory is O(chunk x context x vocab), never the eval set's logits."""
+    nll_b, nll_v, kl, agree, count = 0.0, 0.0, 0.0, 0, 0
+    with _bar(batches, "evaluating fp32 and variant", progress) as bar:
+        for x, y in batches:
+            base, var, target = _logits(baseline_fn, x), _logits(variant_fn, x), y.reshape(-1)
+            for s in _row_slices(len(target)):
+                rows, t = slice(s, s + REDUCE_ROWS), target[s:s + REDUCE_ROWS, None]
+                logp_b, logp_v = torch.log_softmax(base[rows], -1), torch.log_softmax(var[rows], -1)
+                nll_b -= logp_b.gather(1, t).sum(dtype=torch.float64).item()
+                nll_v -= logp_v.gather(1, t).sum(dtype=torch.float64).item()
+                kl += (logp_b.exp() * (logp_b - logp_v)).sum(dtype=torch.float64).item()
+                agree += int((base[rows].argmax(-1) == var[rows].argmax(-1)).sum())
+            count += len(target)
+            del base, var
+            bar.update(len(x))
+    return {"loss_before": nll_b / count, "loss_after": nll_v / count, "kl": kl / count,
+            "top1_agreement": agree / count, "tokens": count}
 
 
 def torch_logits_fn(model: torch.nn.Module) -> LogitsFn:
@@ -158,14 +204,15 @@ def latency(baseline_fn: LogitsFn, variant_fn: LogitsFn, inputs: np.ndarray, *, 
 
 
 def compare(baseline_fn: LogitsFn, variant_fn: LogitsFn, batches: Batches, *,
-            latency_inputs: Optional[np.ndarray], runtime: str, threads: int, repeats: int = 7) -> dict[str, Any]:
-    """Perplexity before/after, top-1 agreement and the interleaved latency ratio of two logits functions."""
-    before = score(baseline_fn, batches)
-    after = score(variant_fn, batches, reference_top1=before["top1"])
+            latency_inputs: Optional[np.ndarray], runtime: str, threads: int, repeats: int = 7,
+            progress: bool = True) -> dict[str, Any]:
+    """Perplexity before/after, top-1 agreement, KL and the interleaved latency ratio of two logits functions."""
+    s = score_pair(baseline_fn, variant_fn, batches, progress=progress)
+    ppl_before, ppl_after = math.exp(s["loss_before"]), math.exp(s["loss_after"])
     r: dict[str, Any] = {
-        "ppl_before": before["ppl"], "ppl_after": after["ppl"], "loss_before": before["loss"],
-        "loss_after": after["loss"], "ppl_increase_pct": 100 * (after["ppl"] / before["ppl"] - 1),
-        "top1_agreement": after["top1_agreement"], "eval_tokens": after["tokens"],
+        "ppl_before": ppl_before, "ppl_after": ppl_after, "loss_before": s["loss_before"],
+        "loss_after": s["loss_after"], "ppl_increase_pct": 100 * (ppl_after / ppl_before - 1),
+        "top1_agreement": s["top1_agreement"], "kl_per_token": s["kl"], "eval_tokens": s["tokens"],
     }
     if latency_inputs is not None and repeats > 0:
         r["latency"] = latency(baseline_fn, variant_fn, latency_inputs, runtime=runtime, threads=threads,
@@ -181,8 +228,8 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def _mb(n: Optional[int]) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f} MB"
+def _mib(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f} MiB"
 
 
 def _ms(seconds: float) -> str:
@@ -194,7 +241,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r.get('what', 'result')}: {r.get('output', '')}"]
     if "size_before" in r:
         ratio = r["size_before"] / r["size_after"] if r.get("size_after") else float("nan")
-        lines.append(f"  file size     {_mb(r['size_before'])} -> {_mb(r['size_after'])}  ({ratio:.2f}x smaller)")
+        lines.append(f"  file size     {_mib(r['size_before'])} -> {_mib(r['size_after'])}  ({ratio:.2f}x smaller)")
     if "params_before" in r:
         lines.append(f"  parameters    {r['params_before']:,} -> {r['params_after']:,}"
                      + (f"  (non-zero {r['nonzero_after']:,})" if "nonzero_after" in r else ""))
@@ -202,7 +249,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  perplexity    {r['ppl_before']:.3f} -> {r['ppl_after']:.3f}  "
                      f"({r['ppl_increase_pct']:+.2f}%, {r.get('eval_tokens', 0):,} held-out tokens)")
     if "top1_agreement" in r:
-        lines.append(f"  top-1 agrees  {100 * r['top1_agreement']:.2f}% of positions with the fp32 model")
+        kl = f", KL {r['kl_per_token']:.2e} nats/token" if "kl_per_token" in r else ""
+        lines.append(f"  top-1 agrees  {100 * r['top1_agreement']:.2f}% of positions with the fp32 model{kl}")
     lat = r.get("latency")
     if lat:
         base, var = lat["baseline"], lat["variant"]
@@ -210,6 +258,8 @@ def format_report(r: dict[str, Any]) -> str:
                      f"  ({speed_words(lat['speedup'])}; {lat['runtime']}, prefill {lat['shape'][0]}x{lat['shape'][1]},"
                      f" median of {var['repeats']}, spread {_ms(var['min_s'])}..{_ms(var['max_s'])} ms,"
                      f" {lat['threads']} threads)")
+    if "peak_rss_mib" in r:
+        lines.append(f"  peak memory   {r['peak_rss_mib']:.0f} MiB (peak RSS of this process)")
     for note in r.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ of requests for `--duration` seconds:
     disconnect   streaming completions dropped after the first chunk (the server must cancel and free them)
     bad-json     a body that is not JSON                          (400)
     bad-type     wrong types: {"prompt": 5, "max_tokens": "x"}    (422)
-    oversize     a 1 MB prompt                                    (413 with --max-request-bytes, else 400)
+    oversize     a 1 MiB prompt                                    (413 with --max-request-bytes, else 400)
     infer        a KServe v2 infer with a few tokens
 
 and samples the server process's resident memory (psutil) every `--interval` seconds. It prints the RSS series,

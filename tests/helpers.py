@@ -85,3 +85,20 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+# ------------------------------------------------------------------------------------------------ peers
+def genai_greedy(folder, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from ONNX Runtime GenAI's Generator on the model in `folder` (its genai_config.json as written,
+    no edits); the caller has checked that onnxruntime_genai imports."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)[len(prompt):]]

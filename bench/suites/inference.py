@@ -21,7 +21,7 @@ import torch
 from common.cli import flush_denormals
 from common.timing import Timing, measure
 
-from ..harness import Results, peak_rss_mb, reset_peak_rss, rss_mb
+from ..harness import Results, peak_rss_mib, reset_peak_rss, rss_mib
 from . import variants as V
 from .common import Context
 
@@ -91,7 +91,7 @@ def measure_variant(name: str, spec: V.Spec, ctx: Context, shapes: Shapes) -> Re
     windows = list(eval_windows(val, cfg.block_size, shapes.eval_windows))
     prefill_ids = torch.stack([val[i * block : (i + 1) * block] for i in range(shapes.prefill_batch)])
     prompts = {B: torch.stack([val[i * 97 : i * 97 + shapes.decode_prompt] for i in range(B)]) for B in (1, 4, 8)}
-    base_rss = rss_mb()
+    base_rss = rss_mib()
     reset_peak_rss()
     backend = V.load_backend(spec, ctx.threads)
     extra = {"backend": backend.description, "note": spec.note}
@@ -107,7 +107,7 @@ def measure_variant(name: str, spec: V.Spec, ctx: Context, shapes: Shapes) -> Re
         agree = 100 * (top1 == baseline["top1"]).float().mean().item()
         results.add(SUITE, "validation", name, "top-1 agreement", agree, "%", **extra)
     if (size := V.file_bytes(spec)) is not None:
-        results.add(SUITE, "artifact", name, "file size", size / 2**20, "MB", **extra)
+        results.add(SUITE, "artifact", name, "file size", size / 2**20, "MiB", **extra)
     case = f"prefill b{shapes.prefill_batch}x{block}"
     t = measure(lambda: full_forward(backend, prefill_ids), warmup=1, repeats=shapes.repeats)
     results.add_timing(SUITE, case, name, "prefill tokens/s", t, prefill_ids.numel(), "tokens/s", **extra)
@@ -120,7 +120,7 @@ def measure_variant(name: str, spec: V.Spec, ctx: Context, shapes: Shapes) -> Re
         if B == 8:
             results.add_timing(SUITE, "decode b8", name, "decode tokens/s", d, 8 * shapes.decode_steps, "tokens/s",
                                **extra)
-    results.add(SUITE, "memory", name, "peak memory", peak_rss_mb() - base_rss, "MB", **extra)
+    results.add(SUITE, "memory", name, "peak memory", peak_rss_mib() - base_rss, "MiB", **extra)
     backend.close()
     return results
 

@@ -175,6 +175,7 @@ def test_patched_model_without_kv_cache_exports(tiny_model, tmp_path):
     report = export_onnx(model, tmp_path / "nokv.onnx", kv_cache=False, tokenizer=tokenizer)
     assert report.ok, report.summary()
     assert report.validation.greedy == (32, 32)
+    assert report.genai_config is None and not (tmp_path / "genai_config.json").exists()  # GenAI needs a cache
     dec = OnnxDecoder(report.path)
     assert not dec.kv_cache and dec.input_names == ["input_ids", "attention_mask", "position_ids"]
     assert dec.has_logits_to_keep  # an overridable initializer: ONNX Runtime does not list it among the inputs

@@ -67,3 +67,7 @@ def test_eval_cli(tiny_ckpt):
 
     result = json.loads(r.stdout)
     assert result["val_ppl"] < result["unigram_val_ppl"]
+    assert "evaluating" in r.stderr and 50 < result["peak_rss_mib"] < 100_000  # progress bar, peak RSS in MiB
+    # one window per forward (the default: bounded memory) scores as batches of 4 do
+    r4 = run_cli("model.eval", str(tiny_ckpt), "--corpus-bytes", "400000", "--batch-size", "4", "--json")
+    assert json.loads(r4.stdout)["val_loss"] == pytest.approx(result["val_loss"], rel=1e-5)

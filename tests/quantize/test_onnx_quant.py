@@ -1,5 +1,6 @@
 """ONNX modes through ONNX Runtime's tools: outputs load in export's OnnxDecoder (what serve runs), keep the
 hotpath metadata, and stay close to fp32 (SQNR of logits, perplexity delta); calibration cache reuse; CLI report."""
+import importlib.util
 import json
 
 import numpy as np
@@ -99,6 +100,26 @@ def test_static_is_qdq_symmetric_and_reuses_calibration(tiny_onnx, tmp_path):
     assert again["calibration"]["reused"] is True
 
 
+def test_outputs_have_one_mode_and_run_in_onnxruntime_genai(tiny_onnx, tmp_path):
+    """Every file an export and a quantize write is 0644 (under the usual umask), the calibration cache ONNX Runtime
+    writes included; the quantized decoder gets its own genai_config.json, which GenAI runs when installed."""
+    from common.files import OUTPUT_MODE
+    from export.onnx_runtime import OnnxDecoder
+
+    from tests.helpers import genai_greedy
+
+    out = quantize_onnx(tiny_onnx, "int8-static", out=tmp_path / "s.onnx", calib_samples=4, corpus_bytes=400_000)
+    written = sorted(tmp_path.iterdir()) + sorted(tiny_onnx.parent.iterdir())
+    assert {p.name for p in written} >= {"s.onnx", "s.calib-minmax-4.json", "genai_config.json", tiny_onnx.name}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(OUTPUT_MODE) for p in written}
+    config = json.loads((tmp_path / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "s.onnx"
+    assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    if importlib.util.find_spec("onnxruntime_genai") is not None:
+        prompt = [5, 17, 33, 101, 7]
+        assert genai_greedy(tmp_path, prompt, 8) == OnnxDecoder(out).generate(prompt, 8)
+
+
 def test_exclude_keeps_nodes_in_float(tiny_onnx, tmp_path):
     from quantize.onnx_quant import match_nodes, pre_process
 
@@ -117,16 +138,21 @@ def test_cli_reports_and_gates(tiny_onnx, tmp_path, capsys):
     out = tmp_path / "g.onnx"
     assert main([str(tiny_onnx), "--mode", "int8-dynamic", "--out", str(out), "--eval-windows", "4",
                  "--corpus-bytes", "400000", "--latency-repeats", "1", "--max-ppl-increase", "50"]) == 0
-    text = capsys.readouterr().out
-    for word in ("file size", "perplexity", "top-1 agrees", "latency", "x faster" if "faster" in text else "x slower"):
+    captured = capsys.readouterr()
+    text = captured.out
+    for word in ("file size", "perplexity", "top-1 agrees", "KL ", "latency", "peak memory",
+                 "x faster" if "faster" in text else "x slower"):
         assert word in text
+    assert "4/4" in captured.err  # the evaluation's progress bar (windows)
     # a gate below any possible change fails with exit 1 and says by how much
     assert main([str(tiny_onnx), "--mode", "int8-dynamic", "--out", str(out), "--eval-windows", "4",
                  "--corpus-bytes", "400000", "--latency-repeats", "0", "--max-ppl-increase", "-99"]) == 1
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert err.startswith("error: perplexity rose") and "over --max-ppl-increase -99%" in err
     r = json.loads(_json_run(main, tiny_onnx, out, capsys))
-    assert {"size_before", "size_after", "ppl_before", "ppl_after", "top1_agreement", "latency"} <= set(r)
+    assert {"size_before", "size_after", "ppl_before", "ppl_after", "top1_agreement", "kl_per_token", "latency",
+            "peak_rss_mib"} <= set(r)
+    assert r["kl_per_token"] >= 0 and 50 < r["peak_rss_mib"] < 100_000
     assert r["latency"]["shape"] == [8, 64]  # batch 8 x the tiny context
 
 
