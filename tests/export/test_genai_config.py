@@ -9,6 +9,7 @@ import pytest
 
 from common.files import OUTPUT_MODE
 from export.genai_config import FILENAME, write_genai_config
+from export.onnx_meta import LOGITS_TO_KEEP
 
 from tests.helpers import genai_greedy
 
@@ -42,7 +43,9 @@ def test_names_and_shape_match_the_graph(onnx_export, tiny_model):
     named_out = [outs["logits"]]
     named_out += [n for k, v in zip(_expand(outs["present_key_names"], c.n_layer),
                                     _expand(outs["present_value_names"], c.n_layer)) for n in (k, v)]
-    assert named_in == [i.name for i in graph.input]
+    # logits_to_keep has a default (an initializer of the same name): GenAI does not feed it and gets every position
+    assert named_in == [i.name for i in graph.input if i.name != LOGITS_TO_KEEP]
+    assert LOGITS_TO_KEEP in {t.name for t in graph.initializer}
     assert named_out == [o.name for o in graph.output]
 
 
