@@ -189,7 +189,9 @@ def test_budget_checks_catch_each_regression():
 def test_cases_cover_the_issue():
     full = kernel_report.cases()
     by_group = {g: [c for c in full if c["group"] == g] for g in kernel_report.GROUPS}
-    assert len(by_group["attention"]) == 2 * 2 * 2 * 2  # D x dtype x causal x (fwd, bwd)
+    # D x dtype x causal x (fwd, bwd, bwd deterministic)
+    assert len(by_group["attention"]) == 2 * 2 * 2 * 3
+    assert sum(c["params"].get("deterministic", False) for c in by_group["attention"]) == 2 * 2 * 2
     assert {c["params"]["T"] for c in by_group["decode"]} == {1, 16}
     assert sorted({c["params"]["N"] for c in by_group["softmax"]}) == [1024 << i for i in range(7)]
     assert any(c["params"]["causal"] for c in by_group["softmax"])
