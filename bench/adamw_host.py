@@ -152,21 +152,10 @@ def capture_step(dtype: str = "fp32", shapes: Optional[Sequence[tuple[int, ...]]
 
 
 def _machine() -> dict[str, Any]:
-    import platform
+    from common.machine import cpu_model, library_versions
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:  # pragma: no cover - triton is installed wherever the kernels are benchmarked
-        triton_version = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
+            "torch_threads": torch.get_num_threads(), **library_versions(("torch", "triton"))}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
