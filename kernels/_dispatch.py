@@ -21,7 +21,9 @@ import os
 
 import torch
 
-__all__ = ["triton_available", "interpreting", "use_triton"]
+__all__ = ["triton_available", "interpreting", "use_triton", "sm_count"]
+
+DEFAULT_SM_COUNT = 132  # H100 SXM / H200: assumed for non-CUDA tensors (interpreter, a CPU capture by bench.sm90)
 
 
 @functools.cache
@@ -44,3 +46,16 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.device.type == "cpu":
         return interpreting()
     return False
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA `device` (read once per device), DEFAULT_SM_COUNT for any other device,
+    so a launch recorded with CPU tensors plans the H100/H200 grid."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)

@@ -75,7 +75,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import interpreting
+from ._dispatch import interpreting, sm_count
 
 __all__ = ["use_flash_decoding", "flash_decoding_forward", "flash_decoding_ref", "SMEM_ESTIMATES"]
 
@@ -97,7 +97,6 @@ MIN_KV_LEN = 1024  # S below this: too little KV to be worth splitting
 MAX_ROWS = 32  # BLOCK_M cap: GROUP * T rows per program (more rows: a third grid axis); see the docstring
 MAX_ROWS_FP32 = 16  # fp32 (FMA dots): 32 rows take 233 registers at D = 128, 16 rows stay well under 232
 WAVES = 2  # target CTAs = WAVES x SM count
-DEFAULT_SM_COUNT = 132  # H100 SXM / H200, used for non-CUDA tensors (CPU capture)
 SPLIT_ALIGN = 128  # SPLIT_LEN is a multiple of this (every BLOCK_N in the autotune lists divides it)
 MIN_SPLIT_LEN = 256  # keys per split at least (a few KV tiles, so the loop's pipeline has something to overlap)
 WORKSPACE_FRACTION = 0.25  # partial-result round trip at most this fraction of the KV bytes
@@ -307,17 +306,6 @@ def _kernels(interpret: bool) -> tuple[Any, Any, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Split choice, dispatch rule, launcher.
 # ---------------------------------------------------------------------------------------------------------------
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
-
-
-def _sm_count(t: Tensor) -> int:
-    if t.device.type == "cuda":
-        return _cuda_sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return DEFAULT_SM_COUNT  # CPU tensors (bench.sm90.capture, interpreter): assume an H100/H200
-
-
 def _block_m(group: int, T: int, elem: int) -> int:
     """Packed query rows per program: GROUP * T padded to a power of two >= 16, capped."""
     return min(MAX_ROWS if elem < 4 else MAX_ROWS_FP32, max(16, triton.next_power_of_2(group * T)))
@@ -362,7 +350,7 @@ def use_flash_decoding(q: Tensor, k: Tensor) -> bool:
         return False
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
-    n, _ = _num_splits(B, H, H_kv, T, S, D, q.element_size(), _sm_count(q), _split_align())
+    n, _ = _num_splits(B, H, H_kv, T, S, D, q.element_size(), sm_count(q.device), _split_align())
     return n >= 2
 
 
@@ -383,7 +371,7 @@ def flash_decoding_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale:
     interpret = interpreting()
     block_d = max(16, triton.next_power_of_2(D))
     block_m = _block_m(group, T, q.element_size())
-    num_splits, split_len = _num_splits(B, H, H_kv, T, S, D, q.element_size(), _sm_count(q), _split_align())
+    num_splits, split_len = _num_splits(B, H, H_kv, T, S, D, q.element_size(), sm_count(q.device), _split_align())
     n_rows = B * H * T
 
     o = _new_empty((B, H, T, D), dtype=q.dtype, device=q.device)  # (B, H, T, D)

@@ -59,7 +59,7 @@ from typing import NamedTuple
 import torch
 from torch.types import Device
 
-from ._dispatch import interpreting, use_triton
+from ._dispatch import interpreting, sm_count, use_triton
 
 __all__ = ["softmax", "softmax_ref", "softmax_backward_ref", "softmax_forward", "softmax_backward"]
 
@@ -69,7 +69,6 @@ _EPT = 32  # fp32 values per thread in a tile (forward: of x; backward: of y and
 _REGS = 64  # registers per thread every one-block config fits in (so 1024 threads of tiles fit an SM)
 _SMEM_PER_SM = 228 * 1024  # H100 / H200 shared memory per SM
 _CTA_SMEM_OVERHEAD = 2048  # per program: 1 KB the driver reserves, <= 1 KB of reduction scratch
-_DEFAULT_SMS = 132  # SM count assumed for CPU tensors (H100 / H200)
 _MAX_PROGRAMS: int | None = None  # cap on the persistent grid (tests set it small: several tiles per program)
 _LOG2E = 1.4426950408889634
 # Output allocator used by the launchers; tests replace it with a NaN-filling one ("poisoned outputs").
@@ -295,21 +294,10 @@ def _launch_config(N: int, elem_bytes: int, backward: bool, causal: bool = False
 def _grid(n_tiles: int, cfg: _Config, device: torch.device) -> tuple[int]:
     """Persistent grid: as many programs as are resident on the GPU at once (fewer if there are fewer tiles). More
     would run as a second wave: a tail where most SMs idle."""
-    programs = _sm_count(device) * cfg.ctas_per_sm
+    programs = sm_count(device) * cfg.ctas_per_sm
     if _MAX_PROGRAMS is not None:
         programs = min(programs, _MAX_PROGRAMS)
     return (max(1, min(n_tiles, programs)),)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
-    return _DEFAULT_SMS  # CPU tensors (the interpreter, or a static compile capture): an H100 / H200
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
