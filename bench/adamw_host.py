@@ -25,16 +25,16 @@ A benchmark measures and reports: nothing here asserts a time.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+
+from common import cli
 
 DTYPES = ("fp32", "bf16-master")
 N_EMBD, N_LAYER, VOCAB, N_CTX = 768, 12, 50257, 1024
@@ -159,15 +159,12 @@ def _machine() -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.adamw_host", description=__doc__.split("\n\n")[0])
+    ap = cli.parser("python -m bench.adamw_host", __doc__.split("\n\n")[0])
     ap.add_argument("--dtype", choices=[*DTYPES, "both"], default="both")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=cli.positive_int, default=50)
     ap.add_argument("--grads", choices=GRADS, default="fresh")
     ap.add_argument("--json", action="store_true", help="print one JSON object per dtype")
     args = ap.parse_args(argv)
-    if args.steps < 1:
-        print("error: --steps must be >= 1 (pass a positive step count)", file=sys.stderr)
-        return 2
     for dtype in DTYPES if args.dtype == "both" else (args.dtype,):
         r = host_time_per_step(dtype, args.steps, grads=args.grads)
         if args.json:
