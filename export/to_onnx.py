@@ -54,6 +54,8 @@ from model.gpt import GPT, GPTConfig, sdpa_attention
 
 from .genai_config import write_genai_config
 from .onnx_meta import LOGITS_TO_KEEP, make_hotpath_metadata
+from .ort_graph import TARGETS, OrtKVDecoder, fuse_for_ort
+from .ort_graph import translation_table as ort_translation_table
 from .validate import TOLERANCES, Check, Tolerance, ValidationReport
 
 if TYPE_CHECKING:
@@ -194,8 +196,10 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_program(model: GPT, *, kv_cache: bool = True, dtype: str = "fp32",
-                   opset: Optional[int] = None) -> ir.Model:
-    """torch.onnx.export (dynamo) of `model` in `dtype`; returns the onnx_ir Model (not yet saved)."""
+                   opset: Optional[int] = None, target: str = "generic") -> ir.Model:
+    """torch.onnx.export (dynamo) of `model` in `dtype`; returns the onnx_ir Model (not yet saved).
+
+    target "generic": standard ONNX ops only; "ort" (KV cache only): ONNX Runtime contrib ops (:mod:`.ort_graph`)."""
     cfg = model.config
     device = next(model.parameters()).device
     net = model
@@ -203,12 +207,18 @@ def export_program(model: GPT, *, kv_cache: bool = True, dtype: str = "fp32",
         net = copy.deepcopy(model).to(DTYPES[dtype])
     was_training = net.training
     net.eval()
-    wrapper = KVDecoder(net) if kv_cache else LogitsOnly(net)
+    ort = target == "ort"
+    if ort and not kv_cache:
+        raise ValueError("the ort target is a KV-cache decoder (a logits-only graph is written with target generic)")
+    if ort and is_patched(net):
+        raise UserError("the ort target writes attention as ONNX Runtime's GroupQueryAttention; export a model "
+                        "without kernels.patch() (or use --target generic)")
+    wrapper: nn.Module = (OrtKVDecoder(net) if ort else KVDecoder(net)) if kv_cache else LogitsOnly(net)
     inputs, outputs = io_names(cfg.n_layer, kv_cache)
     kwargs: dict[str, Any] = {}
     if opset is not None:
         kwargs["opset_version"] = opset
-    table = translation_table(net)
+    table = ort_translation_table() if ort else translation_table(net)
     if table:
         kwargs["custom_translation_table"] = table
     try:
@@ -227,7 +237,12 @@ def export_program(model: GPT, *, kv_cache: bool = True, dtype: str = "fp32",
         net.train(was_training)
     assert program is not None  # dynamo=True always returns an ONNXProgram
     ir_model = program.model
-    _name_axes(ir_model, axis_names(cfg.n_layer, kv_cache))
+    names = axis_names(cfg.n_layer, kv_cache)
+    if ort:  # present is the shared max-length buffer when bound as past, else past + new
+        for name in names:
+            if name.startswith("present."):
+                names[name] = {0: "batch", 2: "present_sequence_length"}
+    _name_axes(ir_model, names)
     _default_logits_to_keep(ir_model)
     return ir_model
 
