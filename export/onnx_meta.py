@@ -10,6 +10,9 @@ Every `.onnx` hotpath writes (export, and quantize, which copies these props ont
 ``hotpath.source_sha256``    SHA-256 of the source checkpoint file (or of the weights, for an in-memory model)
 ``hotpath.kv_cache``         ``"1"``: a decoder with past/present key-values; ``"0"``: logits only
 ``hotpath.dtype``            ``"fp32"``, ``"fp16"`` (or ``"bf16"``, for TensorRT): weights and KV cache
+``hotpath.target``           ``"generic"`` (standard ONNX ops, left padding; the default when absent) or ``"ort"``
+                             (ONNX Runtime contrib ops, GroupQueryAttention: right padding, a cache that past and
+                             present may share)
 ``hotpath.meta``             optional: the checkpoint's training metadata as JSON
 ===========================  =====================================================================
 
@@ -34,19 +37,21 @@ if TYPE_CHECKING:
 PathOrProto = Union[str, os.PathLike, "onnx.ModelProto"]
 
 PREFIX = "hotpath."
-CONFIG, TOKENIZER, VERSION, SOURCE_SHA256, KV_CACHE, DTYPE = (
+CONFIG, TOKENIZER, VERSION, SOURCE_SHA256, KV_CACHE, DTYPE, TARGET = (
     "hotpath.config", "hotpath.tokenizer", "hotpath.version", "hotpath.source_sha256", "hotpath.kv_cache",
-    "hotpath.dtype")
+    "hotpath.dtype", "hotpath.target")
 REQUIRED = (CONFIG, TOKENIZER, KV_CACHE)
 # the decoder's int64 scalar input: 0 = logits for every position, k > 0 = the last k positions only. It has a
 # default of 0 (an initializer of the same name), so a caller may leave it out. Exports before it have no such
 # input and always return every position (OnnxDecoder slices those afterwards).
 LOGITS_TO_KEEP = "logits_to_keep"
 DTYPES = ("fp32", "fp16", "bf16")
+GRAPH_TARGETS = ("generic", "ort")
 
 
 def make_hotpath_metadata(config: Union[GPTConfig, Mapping[str, Any]], tokenizer: Union[Tokenizer, str], *,
-                          source_sha256: str, kv_cache: bool, dtype: str) -> dict[str, str]:
+                          source_sha256: str, kv_cache: bool, dtype: str, target: str = "generic"
+                          ) -> dict[str, str]:
     """The metadata_props dict for an export. `config`: GPTConfig or dict; `tokenizer`: Tokenizer or JSON str."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     tok = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
@@ -57,6 +62,7 @@ def make_hotpath_metadata(config: Union[GPTConfig, Mapping[str, Any]], tokenizer
         SOURCE_SHA256: source_sha256,
         KV_CACHE: "1" if kv_cache else "0",
         DTYPE: dtype,
+        TARGET: target,
     }
 
 
@@ -75,7 +81,7 @@ def parse_hotpath_metadata(props: Mapping[str, str], source: str = "the model") 
     """Validate raw metadata props and decode them.
 
     Returns ``{"config": dict, "tokenizer": str, "version": str, "source_sha256": str, "kv_cache": bool,
-    "dtype": str, "props": {every key: value}}``; raises UserError when `props` are not a hotpath export's.
+    "dtype": str, "target": str, "props": {every key: value}}``; raises UserError when `props` are not a hotpath export's.
     """
     missing = [k for k in REQUIRED if k not in props]
     if missing:
@@ -89,6 +95,10 @@ def parse_hotpath_metadata(props: Mapping[str, str], source: str = "the model") 
         raise UserError(f"{source} is not a hotpath export (its hotpath.config is not valid JSON: {e}; "
                         "re-export it with python -m export.to_onnx)") from e
     dtype = props.get(DTYPE, "fp32")
+    target = props.get(TARGET, "generic")  # files written before targets existed are generic
+    if target not in GRAPH_TARGETS:
+        raise UserError(f"{source} has hotpath.target {target!r}, which this hotpath does not know (use a newer "
+                        "hotpath or re-export the model)")
     return {
         "config": config,
         "tokenizer": props[TOKENIZER],
@@ -96,6 +106,7 @@ def parse_hotpath_metadata(props: Mapping[str, str], source: str = "the model") 
         "source_sha256": props.get(SOURCE_SHA256, ""),
         "kv_cache": props[KV_CACHE] == "1",
         "dtype": dtype,
+        "target": target,
         "props": dict(props),
     }
 

@@ -10,6 +10,20 @@ int64 scalar; it returns ``logits`` (B, T, vocab) float32 for logits_to_keep 0, 
 Files exported before ``logits_to_keep`` existed load and run too: their graph computes every position and
 :meth:`OnnxDecoder.forward` keeps the last k afterwards (same result, none of the saving; re-export for it).
 
+An *ort-target* export (``hotpath.target`` "ort", :mod:`export.ort_graph`) takes the same inputs with right padding:
+row b's tokens occupy cache columns [0, len_b) and its mask is 1 on [0, len_b + T), 0 after. Its attention is ONNX
+Runtime's GroupQueryAttention, which writes in place when past and present are the same buffer. :class:`KVCache`
+holds such buffers, (slots, kv_heads, max_len, head_dim) per layer, and :meth:`OnnxDecoder.step` runs a contiguous
+range of its rows with ONNX Runtime IO binding (past and present bound to the same memory): a decode step writes
+one column per row instead of copying the cache. A serving engine gives each request a row (slot)::
+
+    cache = decoder.new_cache(slots=16, max_len=1024)
+    logits = decoder.step(cache, start=3, input_ids=prompt[None], lengths=np.array([0]))   # prefill row 3
+    logits = decoder.step(cache, start=0, input_ids=next_tokens[:, None], lengths=lens)   # decode rows 0..n-1
+
+:meth:`OnnxDecoder.generate_batch` (greedy, batched) and :meth:`OnnxDecoder.stream` use it on ort exports and the
+concatenating path (left padding, past in, present out) on generic ones.
+
 Generation mirrors :func:`model.generate.stream_tokens` step for step (one prefill, one cached decode step per
 token, the same stopping rule, :func:`model.sampling.sample_next` on the logits as torch tensors with a torch
 generator seeded the same way), so with the same seed it yields the same tokens as the PyTorch model.
@@ -51,6 +65,61 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
         ids[b, T - len(p):] = p
         mask[b, T - len(p):] = 1
     return ids, mask, positions_from_mask(mask, T)
+
+
+def pad_right(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad token lists into (input_ids, attention_mask, position_ids), each (B, max_len) int64: the layout
+    of an ort-target graph's prefill (row b's tokens at [0, len_b); pads get positions past the row's end)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), T), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = p
+        mask[b, :len(p)] = 1
+    return ids, mask, np.broadcast_to(np.arange(T, dtype=np.int64), (len(prompts), T)).copy()
+
+
+def right_padded_positions(attention_mask: np.ndarray, T: int) -> np.ndarray:
+    """position_ids (B, T) of T new tokens under right padding, by GroupQueryAttention's rule: a first prompt (mask
+    width T) starts at 0; otherwise row b's new tokens follow its sum(mask) - T cached ones."""
+    B, S = attention_mask.shape
+    past = np.zeros(B, dtype=np.int64) if S == T else attention_mask.sum(-1).astype(np.int64) - T
+    return past[:, None] + np.arange(T, dtype=np.int64)[None, :]
+
+
+def is_right_padded(attention_mask: np.ndarray) -> bool:
+    """Every row 1 on a prefix and 0 after (at least one 1)."""
+    m = np.asarray(attention_mask) != 0
+    lens = m.sum(-1)
+    return bool((lens > 0).all() and (m == (np.arange(m.shape[1])[None, :] < lens[:, None])).all())
+
+
+class KVCache:
+    """Preallocated key/value buffers of an ort-target decoder, shared between past and present.
+
+    ``keys[i]`` and ``values[i]``: layer i's (slots, kv_heads, max_len, head_dim) C-contiguous NumPy arrays (wrap
+    them with ``torch.from_numpy`` to read them without a copy). Row b holds one sequence: its tokens at columns
+    [0, len_b); the caller keeps each row's length (``OnnxDecoder.step`` takes them) and may reuse a row for a new
+    sequence by starting again at length 0 (old columns are overwritten, never read past len_b)."""
+
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: npt.DTypeLike = np.float32):
+        if slots < 1 or max_len < 1:
+            raise ValueError(f"a cache needs at least one slot and one column (slots={slots}, max_len={max_len})")
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.values = [np.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.slots, self.max_len = slots, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values)
+
+    def __repr__(self) -> str:
+        return (f"KVCache(layers={len(self.keys)}, slots={self.slots}, max_len={self.max_len}, "
+                f"{self.nbytes / 2**20:.1f} MiB)")
 
 
 def positions_from_mask(attention_mask: np.ndarray, T: int) -> np.ndarray:
@@ -96,10 +165,17 @@ class OnnxDecoder:
         self.dtype = np.dtype(_ORT_DTYPES.get(types[expected[-1]], np.float32)) if self.kv_cache else \
             np.dtype(np.float16 if self.metadata["dtype"] == "fp16" else np.float32)
         self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        # "ort": GroupQueryAttention, right padding, a cache shared between past and present (KVCache + step)
+        self.target: str = self.metadata.get("target", "generic")
+        self.shared_cache: bool = self.kv_cache and self.target == "ort"
+        self.padding_side = "right" if self.target == "ort" else "left"
+        import onnxruntime as ort
+
+        self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
 
     def __repr__(self) -> str:
         return (f"OnnxDecoder({str(self.path)!r}, provider={self.provider}, dtype={self.dtype.name}, "
-                f"kv_cache={self.kv_cache}, layers={self.num_layers})")
+                f"kv_cache={self.kv_cache}, target={self.target}, layers={self.num_layers})")
 
     # ------------------------------------------------------------------------------------------- one step
     def empty_past(self, batch: int) -> Past:
@@ -115,7 +191,11 @@ class OnnxDecoder:
         every position, k > 0 = for the last k only (a generation prefill needs 1).
 
         Returns (logits (B, T, vocab) float32 (B, min(k, T), vocab) for k > 0, present per-layer (key, value)
-        (B, kv_heads, past + T, head_dim)); for an export without KV cache, present is None and `past` must be None."""
+        (B, kv_heads, past + T, head_dim)); for an export without KV cache, present is None and `past` must be None.
+
+        On an ort-target export the mask is right-padded (see the module docstring) and the default positions follow
+        GroupQueryAttention's rule; past and present are separate arrays here (the copying path: validation,
+        evaluation). :meth:`step` is the in-place path."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, tokens) with at least one token, got shape {ids.shape}")
@@ -134,8 +214,15 @@ class OnnxDecoder:
                 else np.ascontiguousarray(attention_mask, dtype=np.int64))
         if mask.shape != (B, past_len + T):
             raise ValueError(f"attention_mask must be (batch, past + tokens) = {(B, past_len + T)}, got {mask.shape}")
-        pos = positions_from_mask(mask, T) if position_ids is None else np.ascontiguousarray(position_ids,
-                                                                                           dtype=np.int64)
+        if self.target == "ort":
+            if not is_right_padded(mask):
+                raise ValueError(f"{self.path.name} is an ort-target export: its attention_mask is right-padded "
+                                 "(row b: 1 on [0, len_b), then 0); re-export with --target generic for left padding")
+            if T > 1 and past_len > 0 and B > 1:
+                raise ValueError("ONNX Runtime's GroupQueryAttention takes batch 1 for several new tokens after a "
+                                 "past (run the rows one at a time)")
+        positions = right_padded_positions if self.target == "ort" else positions_from_mask
+        pos = positions(mask, T) if position_ids is None else np.ascontiguousarray(position_ids, dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
         if self.has_logits_to_keep:
             feeds[LOGITS_TO_KEEP] = np.array(keep, dtype=np.int64)
@@ -157,7 +244,109 @@ class OnnxDecoder:
             logits = logits[:, -keep:]
         return logits.astype(np.float32, copy=False)
 
+    # ------------------------------------------------------------------------------------------- shared cache
+    def new_cache(self, slots: int, max_len: Optional[int] = None) -> KVCache:
+        """A :class:`KVCache` for this ort-target model: `slots` rows of `max_len` columns (default: the context)."""
+        if not self.shared_cache:
+            raise ValueError(f"{self.path.name} is a {self.target}-target export without GroupQueryAttention: it "
+                             "concatenates past and present (re-export with --target ort for a shared cache)")
+        max_len = self.config.block_size if max_len is None else int(max_len)
+        if not 1 <= max_len <= self.config.block_size:
+            raise ValueError(f"max_len={max_len} must be in 1..{self.config.block_size} (the model context)")
+        return KVCache(self.num_layers, slots, self.kv_heads, max_len, self.head_dim, self.dtype)
+
+    def step(self, cache: KVCache, start: int, input_ids: npt.ArrayLike, lengths: npt.ArrayLike) -> np.ndarray:
+        """Run rows [start, start + n) of `cache`: input_ids (n, T) are new tokens after each row's `lengths` (n,)
+        cached ones; their keys and values are written in place at columns [len_b, len_b + T). Returns the logits
+        of each row's last new token, (n, vocab) float32. A prefill is n = 1, lengths = [0]; a decode step T = 1.
+
+        Several tokens after a non-empty past run row by row (GroupQueryAttention's CPU kernel takes batch 1 there).
+        """
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        lens = np.ascontiguousarray(lengths, dtype=np.int64).reshape(-1)
+        if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] != lens.shape[0]:
+            raise ValueError(f"input_ids must be (n, tokens) with n = len(lengths) = {lens.shape[0]}, got {ids.shape}")
+        n, T = ids.shape
+        if not 0 <= start and start + n <= cache.slots:
+            raise ValueError(f"rows [{start}, {start + n}) are outside the cache's {cache.slots} slots")
+        if (lens < 0).any() or int(lens.max()) + T > cache.max_len:
+            raise ValueError(f"lengths {lens.tolist()} + {T} new tokens exceed the cache's {cache.max_len} columns")
+        if T > 1 and n > 1 and lens.any():
+            return np.concatenate([self.step(cache, start + b, ids[b:b + 1], lens[b:b + 1]) for b in range(n)])
+        return self._bound_run(cache, start, ids, lens)
+
+    def _bound_run(self, cache: KVCache, start: int, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """One graph run with past_key_values.i.* and present.i.* bound to the same rows of `cache`."""
+        n, T = ids.shape
+        total = int(lens.max()) + T
+        mask = (np.arange(total)[None, :] < (lens + T)[:, None]).astype(np.int64)  # right padding
+        pos = lens[:, None] + np.arange(T, dtype=np.int64)[None, :]
+        binding = self.session.io_binding()
+        for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
+            binding.bind_cpu_input(name, value)
+        if self.has_logits_to_keep:  # an overridable initializer: bind_cpu_input finds no such input, an OrtValue does
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_last)
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        etype = cache.keys[0].dtype.type
+        shape = (n, self.kv_heads, cache.max_len, self.head_dim)
+        for i in range(self.num_layers):
+            for kv, bufs in (("key", cache.keys), ("value", cache.values)):
+                rows = bufs[i][start:start + n]  # a contiguous block of the C-ordered buffer
+                for bind, name in ((binding.bind_input, f"past_key_values.{i}.{kv}"),
+                                   (binding.bind_output, f"present.{i}.{kv}")):
+                    bind(name, "cpu", 0, etype, shape, rows.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()  # (n, 1, vocab); an export without logits_to_keep: (n, T, vocab)
+        return logits[:, -1].astype(np.float32, copy=False)
+
     # ------------------------------------------------------------------------------------------- generation
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                       eos_id: Optional[int] = None) -> list[list[int]]:
+        """Greedy continuations of several prompts decoded together, one batched step per token: on an ort-target
+        export each prompt is prefilled into its own row of a shared :class:`KVCache`, then all rows step in place;
+        on a generic one the prompts are left-padded and the cache is concatenated. Each row stops at `eos_id` (its
+        list ends with it) or after max_new_tokens (fewer when the context runs out). Returns new ids per prompt."""
+        ctx = self.config.block_size
+        prompts = [[int(t) for t in p] for p in prompts]
+        for p in prompts:
+            check_prompt(p, ctx)
+        if not self.kv_cache:
+            return [self.generate(p, max_new_tokens, eos_id=eos_id) for p in prompts]
+        limits = [max(0, min(max_new_tokens, ctx - len(p) + 1)) for p in prompts]
+        out: list[list[int]] = [[] for _ in prompts]
+        steps = max(limits, default=0)
+        if steps == 0:
+            return out
+        if self.shared_cache:
+            cache = self.new_cache(len(prompts), min(ctx, max(len(p) + n for p, n in zip(prompts, limits))))
+            lens = np.array([len(p) for p in prompts], dtype=np.int64)
+            logits = np.concatenate([self.step(cache, b, np.array([p]), np.zeros(1, np.int64))
+                                     for b, p in enumerate(prompts)])
+        else:
+            ids, mask, pos = pad_left(prompts)
+            limits = [min(n, ctx - ids.shape[1] + 1) for n in limits]  # the padded cache grows for every row
+            logits3, past = self.forward(ids, mask, pos, logits_to_keep=1)
+            logits = logits3[:, -1]
+        done = np.zeros(len(prompts), dtype=bool)
+        for i in range(steps):
+            tokens = logits.argmax(-1).astype(np.int64)
+            for b, t in enumerate(tokens):
+                if not done[b]:
+                    out[b].append(int(t))
+                    done[b] = int(t) == eos_id or len(out[b]) >= limits[b]
+            if done.all():
+                break
+            if self.shared_cache:  # finished rows step too (one column each, ignored): the batch stays contiguous
+                fresh = np.minimum(lens, cache.max_len - 1)
+                logits = self.step(cache, 0, tokens[:, None], fresh)
+                lens = fresh + 1
+            else:
+                mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+                pos = pos[:, -1:] + 1
+                logits3, past = self.forward(tokens[:, None], mask, pos, past)
+                logits = logits3[:, -1]
+        return out
+
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
                top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
                eos_id: Optional[int] = None) -> Iterator[int]:
@@ -172,6 +361,10 @@ class OnnxDecoder:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids) + 1)
         seq = list(prompt_ids)
+        if self.shared_cache:  # one row of a max-length cache, written in place
+            cache = self.new_cache(1, min(ctx, len(seq) + max_new_tokens))
+            yield from self._stream_shared(cache, seq, max_new_tokens, temperature, top_k, top_p, generator, eos_id)
+            return
         logits, past = self.forward(np.array([seq], dtype=np.int64), logits_to_keep=1)  # the LM head on 1 position
         for i in range(max_new_tokens):
             nxt = sample_next(torch.from_numpy(logits[:, -1].copy()), temperature=temperature, top_k=top_k,
@@ -185,6 +378,28 @@ class OnnxDecoder:
                 logits, past = self.forward(np.array([[token]], dtype=np.int64), past=past)
             else:  # no cache in the graph: recompute the whole sequence
                 logits, _ = self.forward(np.array([seq], dtype=np.int64), logits_to_keep=1)
+
+    def _stream_shared(self, cache: KVCache, seq: list[int], max_new_tokens: int, temperature: float,
+                       top_k: Optional[int], top_p: Optional[float], generator: Any,
+                       eos_id: Optional[int]) -> Iterator[int]:
+        import torch
+
+        from model.sampling import sample_next
+
+        length = 0
+        new = seq
+        for i in range(max_new_tokens):
+            if length + len(new) > cache.max_len:  # the context is full: the same stop as the torch loop
+                return
+            logits = self.step(cache, 0, np.array([new], dtype=np.int64), np.array([length]))
+            length += len(new)
+            nxt = sample_next(torch.from_numpy(logits.copy()), temperature=temperature, top_k=top_k, top_p=top_p,
+                              generator=generator)
+            token = int(nxt.item())
+            yield token
+            if token == eos_id or i + 1 == max_new_tokens:
+                return
+            new = [token]
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, **kwargs: Any) -> list[int]:
         """New token ids (the prompt not included); keyword arguments as :meth:`stream`."""

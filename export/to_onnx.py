@@ -243,6 +243,8 @@ def export_program(model: GPT, *, kv_cache: bool = True, dtype: str = "fp32",
             if name.startswith("present."):
                 names[name] = {0: "batch", 2: "present_sequence_length"}
     _name_axes(ir_model, names)
+    if ort:  # before the default below: onnxscript's optimizer would fold an input that has an initializer
+        ir_model.doc_string = "ORT fusions: " + ", ".join(f"{k} {v}" for k, v in fuse_for_ort(ir_model).items())
     _default_logits_to_keep(ir_model)
     return ir_model
 
@@ -366,6 +368,7 @@ class ExportReport:
     kv_cache: bool
     opset: int
     source_sha256: str
+    target: str = "generic"  # "ort" (ONNX Runtime contrib ops) or "generic" (standard ONNX)
     files: list[Path] = field(default_factory=list)  # the graph, then any external data
     file_bytes: int = 0
     external_data: bool = False
@@ -377,7 +380,7 @@ class ExportReport:
     def summary(self) -> str:
         size = f"{self.file_bytes / 2**20:.1f} MiB" + (" (external data)" if self.external_data else "")
         head = (f"{'wrote' if self.ok else 'FAILED validation, kept'} {self.path} ({size}, {self.dtype}, "
-                f"{'KV cache' if self.kv_cache else 'no KV cache'}, opset {self.opset}, "
+                f"{'KV cache' if self.kv_cache else 'no KV cache'}, target {self.target}, opset {self.opset}, "
                 f"exported in {self.export_seconds:.1f}s)")
         if self.genai_config is not None:
             head += f"\n  ONNX Runtime GenAI config: {self.genai_config}"
@@ -392,6 +395,7 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "ok": self.ok, "dtype": self.dtype, "kv_cache": self.kv_cache,
+                "target": self.target,
                 "opset": self.opset, "source_sha256": self.source_sha256, "files": [str(f) for f in self.files],
                 "file_bytes": self.file_bytes, "external_data": self.external_data,
                 "export_seconds": self.export_seconds, "notes": list(self.notes),
@@ -429,8 +433,8 @@ def check_opset(opset: Optional[int]) -> None:
 def export_onnx(checkpoint_or_model: str | os.PathLike | GPT, out_path: str | os.PathLike | None = None, *,
                 opset: Optional[int] = None, kv_cache: bool = True, dtype: str = "fp32", validate: bool = True,
                 tokenizer: Optional[Tokenizer] = None, meta: Optional[dict[str, Any]] = None,
-                tolerance: Optional[Tolerance] = None, progress: Optional[Callable[[str], None]] = None
-                ) -> ExportReport:
+                tolerance: Optional[Tolerance] = None, progress: Optional[Callable[[str], None]] = None,
+                target: str = "generic") -> ExportReport:
     """Export a checkpoint path or an in-memory ``model.GPT`` (then pass `tokenizer`) to ONNX, then validate it.
 
     out_path: default beside the checkpoint (``ckpt.onnx``, fp16 ``ckpt.fp16.onnx``); required for a model.
@@ -438,11 +442,21 @@ def export_onnx(checkpoint_or_model: str | os.PathLike | GPT, out_path: str | os
     ``<stem>.failed.onnx`` (``report.path``) — an existing good file at out_path is left untouched.
     Raises UserError for bad input (missing/corrupt checkpoint, unknown dtype, opset out of range).
     progress: a callable taking one status line (the CLI prints them), or None.
+    target: "generic" (standard ONNX ops: TensorRT, any runtime) or "ort" (ONNX Runtime contrib ops, right-padded
+    KV cache that may be shared between past and present; :mod:`export.ort_graph`). A logits-only export
+    (kv_cache=False) is always generic.
     """
     say = progress or (lambda _msg: None)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r} (use {' or '.join(TARGETS)})")
     notes = []
+    if target == "ort" and not kv_cache:
+        target = "generic"
+        notes.append("a logits-only graph has no attention cache to hand to GroupQueryAttention: written as generic")
+    if target == "ort" and dtype == "bf16":
+        raise UserError("bf16 is for TensorRT, which runs the generic target (use --target generic --dtype bf16)")
     if dtype == "bf16" and validate:
         validate = False
         notes.append("bf16 is not validated: ONNX Runtime's CPU provider has no bf16 kernels (TensorRT builds it)")
@@ -458,10 +472,13 @@ def export_onnx(checkpoint_or_model: str | os.PathLike | GPT, out_path: str | os
     cfg = model.config
 
     say(f"exporting {src_path or 'model'} ({model.num_params() / 1e6:.2f}M params, {dtype}, "
-        f"{'KV cache' if kv_cache else 'no KV cache'}) with torch.onnx.export (dynamo)")
+        f"{'KV cache' if kv_cache else 'no KV cache'}, target {target}) with torch.onnx.export (dynamo)")
     t0 = time.perf_counter()
-    ir_model = export_program(model, kv_cache=kv_cache, dtype=dtype, opset=opset)
-    props = make_hotpath_metadata(cfg, tok, source_sha256=sha, kv_cache=kv_cache, dtype=dtype)
+    ir_model = export_program(model, kv_cache=kv_cache, dtype=dtype, opset=opset, target=target)
+    if target == "ort":
+        notes.append(f"{ir_model.doc_string}; GroupQueryAttention {cfg.n_layer}" + (
+            " (packed QKV)" if cfg.pos == "learned" else " (rotary q/k and separate q/k/v stay standard ops)"))
+    props = make_hotpath_metadata(cfg, tok, source_sha256=sha, kv_cache=kv_cache, dtype=dtype, target=target)
     if _meta:
         props["hotpath.meta"] = json.dumps(_meta, sort_keys=True, default=str)  # the checkpoint's training meta
     for key, value in props.items():
@@ -479,7 +496,7 @@ def export_onnx(checkpoint_or_model: str | os.PathLike | GPT, out_path: str | os
         ir.save(ir_model, tmp, external_data=data_path(out_path).name if external else None)
         del ir_model
         export_seconds = time.perf_counter() - t0
-        report = ExportReport(path=out_path, ok=True, dtype=dtype, kv_cache=kv_cache, opset=opset_used,
+        report = ExportReport(path=out_path, ok=True, dtype=dtype, kv_cache=kv_cache, opset=opset_used, target=target,
                               source_sha256=sha, external_data=external, export_seconds=export_seconds,
                               file_bytes=sum(f.stat().st_size for f in tmpdir.iterdir()), notes=notes)
         if validate:
@@ -518,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true", help="export a logits-only graph without past/present")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16 (weights, activations and KV cache); "
                    "bf16 is written for TensorRT but cannot be validated with ONNX Runtime on CPU")
+    p.add_argument("--target", choices=TARGETS, default="ort",
+                   help="ort (default): ONNX Runtime contrib ops (GroupQueryAttention with a cache that past and "
+                   "present may share, SkipLayerNormalization, FastGelu); generic: standard ONNX ops only, for "
+                   "TensorRT and other runtimes")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
     cli.add_json_arg(p)
     return p
@@ -537,7 +558,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     report = export_onnx(args.checkpoint, args.out, opset=args.opset, kv_cache=not args.no_kv_cache,
-                         dtype=args.dtype, validate=not args.no_validate, progress=progress)
+                         dtype=args.dtype, validate=not args.no_validate, progress=progress, target=args.target)
     cli.emit(args.json, report.to_dict(), report.summary)
     if not report.ok:
         print(f"error: {report.path} failed validation against PyTorch (see the table above; the file is kept "

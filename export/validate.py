@@ -10,10 +10,12 @@ cache, match before the first difference). Checks:
 - ``last-token prefill``: the same prefill with ``logits_to_keep`` 1 (what generation asks for): the graph must
   return the last position only, (2, 1, vocab), equal to PyTorch's last position;
 - ``random decode``: one more random token per row, each side on its own cache (KV exports);
-- ``left-padded batch``: two prompts of different lengths, left-padded with a mask, prefill and one decode step,
-  against each prompt run alone and unpadded in PyTorch (only real positions compared);
+- ``left-padded batch`` (``right-padded batch`` for an ort-target graph, whose GroupQueryAttention keeps row b's
+  tokens at [0, len_b)): two prompts of different lengths, padded with a mask, prefill and one decode step, against
+  each prompt run alone and unpadded in PyTorch (only real positions compared);
 - ``corpus text``: two windows of real held-out text (the standard-library corpus of :mod:`model.corpus`);
-- ``greedy 32``: 32 greedy tokens from a corpus prompt, ``OnnxDecoder.generate`` against ``model.generate``.
+- ``greedy 32``: 32 greedy tokens from a corpus prompt, ``OnnxDecoder.generate`` against ``model.generate`` (on an
+  ort-target graph through the shared, in-place cache: :meth:`OnnxDecoder.step`).
 
 Tolerances (per export dtype, :data:`TOLERANCES`): logits max-abs ≤ ``logits_rel · max(1, max |torch logits|)``,
 top-1 agreement ≥ ``top1``, greedy prefix ≥ ``greedy`` tokens (capped by what the context allows).
@@ -203,28 +205,36 @@ def validate_decoder(decoder: OnnxDecoder, model: GPT, tokenizer: Tokenizer, dty
         ref_logits, _ = torch_run(nxt, past=ref_past)
         report.checks.append(_compare("random decode", ort_logits, ref_logits))
 
-    # left-padded batch against unpadded single runs
+    # padded batch against unpadded single runs: left padding (generic graphs) or right padding (ort graphs,
+    # GroupQueryAttention: row b's tokens at [0, len_b))
     lens = [T, max(1, T // 2 - 1)]
     prompts = [rng.integers(0, V, size=n).tolist() for n in lens]
-    from .onnx_runtime import pad_left
+    from .onnx_runtime import pad_left, pad_right
 
-    ids, mask, pos = pad_left(prompts)
+    right = getattr(decoder, "padding_side", "left") == "right"
+    ids, mask, pos = (pad_right if right else pad_left)(prompts)
     ort_logits, ort_past = decoder.forward(ids, mask, pos)
     parts = []
     singles = []
     for b, p in enumerate(prompts):
         ref_logits, ref_past = torch_run(np.array([p]))
-        parts.append(_compare("", ort_logits[b, T - len(p):], ref_logits[0]))
+        real = slice(0, len(p)) if right else slice(T - len(p), T)
+        parts.append(_compare("", ort_logits[b, real], ref_logits[0]))
         singles.append((ref_logits, ref_past))
     if kv:  # one decode step with the padded cache and a grown mask
-        nxt = ort_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-        mask2 = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
-        pos2 = pos[:, -1:] + 1
+        last = [len(p) - 1 for p in prompts] if right else [T - 1] * 2
+        nxt = ort_logits[np.arange(2), last].argmax(-1)[:, None].astype(np.int64)
+        if right:  # the new token goes to column len_b of each row; positions len_b
+            mask2 = (np.arange(T + 1)[None, :] < np.array(lens)[:, None] + 1).astype(np.int64)
+            pos2 = np.array(lens, dtype=np.int64)[:, None]
+        else:
+            mask2 = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+            pos2 = pos[:, -1:] + 1
         ort_logits2, _ = decoder.forward(nxt, mask2, pos2, ort_past)
         for b in range(2):
             ref_logits2, _ = torch_run(nxt[b:b + 1], past=singles[b][1])
             parts.append(_compare("", ort_logits2[b], ref_logits2[0]))
-    report.checks.append(_merge("left-padded batch", parts))
+    report.checks.append(_merge("right-padded batch" if right else "left-padded batch", parts))
 
     # real text
     text_ids = corpus_ids(tokenizer)
