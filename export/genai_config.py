@@ -11,9 +11,10 @@ section (generation defaults). The I/O names are read from the written graph its
 names what the graph has. GenAI reads exactly ``genai_config.json`` in the model's folder: one folder holds one,
 naming the last decoder written there; keep variants in their own folders to run several.
 
-The defaults are greedy search (``do_sample`` false) over the model's whole context, and
-``past_present_share_buffer`` false: hotpath's decoder returns present = concat(past, new), not a write into a
-preallocated max-length buffer.
+The defaults are greedy search (``do_sample`` false) over the model's whole context. ``past_present_share_buffer``
+follows the graph: true for an ort-target export (``hotpath.target`` "ort": GroupQueryAttention writes the new
+keys and values into a preallocated max-length buffer that past and present share), false for a generic one
+(present = concat(past, new)).
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def make_genai_config(onnx_path: str | os.PathLike) -> Optional[dict[str, Any]]:
             "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": cfg.block_size,
             "min_length": 0, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0,
             "length_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0, "early_stopping": True,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": meta["target"] == "ort",
         },
     }
 

@@ -66,11 +66,24 @@ def tiny_model(tiny_ckpt):
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_ckpt, tmp_path_factory):
-    """The tiny checkpoint's default export (fp32, KV-cache decoder), made once per session through
+    """The tiny checkpoint's generic export (fp32, KV-cache decoder, standard ONNX ops), made once per session through
     `python -m export.to_onnx`'s main(), validated against PyTorch; the export report (JSON) lies beside it as
     tiny.json. Every package's ONNX tests use this one file (exporting takes seconds)."""
     from export.to_onnx import main
 
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    assert main([str(tiny_ckpt), "--out", str(out), "--target", "generic",
+                 "--json", str(out.with_suffix(".json"))]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ort_onnx(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint's ort-target export (the CLI's default: GroupQueryAttention, a cache shared between past and
+    present, SkipLayerNormalization, FastGelu), made once per session through `python -m export.to_onnx`'s main()
+    and validated; its report lies beside it as tiny.ort.json."""
+    from export.to_onnx import main
+
+    out = tmp_path_factory.mktemp("onnx_ort") / "tiny.ort.onnx"
     assert main([str(tiny_ckpt), "--out", str(out), "--json", str(out.with_suffix(".json"))]) == 0
     return out
