@@ -267,13 +267,23 @@ class OnnxDecoder:
         if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] != lens.shape[0]:
             raise ValueError(f"input_ids must be (n, tokens) with n = len(lengths) = {lens.shape[0]}, got {ids.shape}")
         n, T = ids.shape
-        if not 0 <= start and start + n <= cache.slots:
+        if not (0 <= start and start + n <= cache.slots):
             raise ValueError(f"rows [{start}, {start + n}) are outside the cache's {cache.slots} slots")
+        self._check_cache(cache)  # ONNX Runtime reads and writes these buffers by pointer: a wrong one would crash
         if (lens < 0).any() or int(lens.max()) + T > cache.max_len:
             raise ValueError(f"lengths {lens.tolist()} + {T} new tokens exceed the cache's {cache.max_len} columns")
         if T > 1 and n > 1 and lens.any():
             return np.concatenate([self.step(cache, start + b, ids[b:b + 1], lens[b:b + 1]) for b in range(n)])
         return self._bound_run(cache, start, ids, lens)
+
+    def _check_cache(self, cache: KVCache) -> None:
+        shape = (cache.slots, self.kv_heads, cache.max_len, self.head_dim)
+        arrays = cache.keys + cache.values
+        if len(arrays) != 2 * self.num_layers or any(
+                a.shape != shape or a.dtype != self.dtype or not a.flags.c_contiguous or not a.flags.writeable
+                for a in arrays):
+            raise ValueError(f"the cache is not this model's: {self.num_layers} layers of writable C-contiguous "
+                             f"{self.dtype.name} {shape} keys and values (make it with new_cache)")
 
     def _bound_run(self, cache: KVCache, start: int, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
         """One graph run with past_key_values.i.* and present.i.* bound to the same rows of `cache`."""

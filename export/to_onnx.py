@@ -535,10 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true", help="export a logits-only graph without past/present")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or fp16 (weights, activations and KV cache); "
                    "bf16 is written for TensorRT but cannot be validated with ONNX Runtime on CPU")
-    p.add_argument("--target", choices=TARGETS, default="ort",
+    p.add_argument("--target", choices=TARGETS, default=None,
                    help="ort (default): ONNX Runtime contrib ops (GroupQueryAttention with a cache that past and "
                    "present may share, SkipLayerNormalization, FastGelu); generic: standard ONNX ops only, for "
-                   "TensorRT and other runtimes")
+                   "TensorRT and other runtimes (the default for --dtype bf16 and --no-kv-cache)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
     cli.add_json_arg(p)
     return p
@@ -558,7 +558,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     report = export_onnx(args.checkpoint, args.out, opset=args.opset, kv_cache=not args.no_kv_cache,
-                         dtype=args.dtype, validate=not args.no_validate, progress=progress, target=args.target)
+                         dtype=args.dtype, validate=not args.no_validate, progress=progress,
+                         target=args.target or ("generic" if args.dtype == "bf16" or args.no_kv_cache else "ort"))
     cli.emit(args.json, report.to_dict(), report.summary)
     if not report.ok:
         print(f"error: {report.path} failed validation against PyTorch (see the table above; the file is kept "
