@@ -82,3 +82,18 @@ def test_onnxruntime_genai_generator_runs_the_export(onnx_export, tiny_model, tm
         shutil.copy(f, tmp_path / f.name)
     prompt = tokenizer.encode("def main():\n    return").ids
     assert genai_greedy(tmp_path, prompt, 16) == generate(model, prompt, 16)
+
+
+def test_onnxruntime_genai_runs_the_ort_export_with_a_shared_buffer(tiny_ort_onnx, tiny_model, tmp_path):
+    """The ort-target export's config says past_present_share_buffer (GroupQueryAttention writes into GenAI's
+    max-length buffer), and GenAI's Generator gives the same greedy tokens as model.generate."""
+    config = json.loads(tiny_ort_onnx.with_name(FILENAME).read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    pytest.importorskip("onnxruntime_genai")
+    from model.generate import generate
+
+    model, tokenizer, _ = tiny_model
+    for f in (tiny_ort_onnx, tiny_ort_onnx.with_name(FILENAME)):
+        shutil.copy(f, tmp_path / f.name)
+    prompt = tokenizer.encode("def main():\n    return").ids
+    assert genai_greedy(tmp_path, prompt, 16) == generate(model, prompt, 16)

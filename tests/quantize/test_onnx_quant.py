@@ -71,6 +71,36 @@ def test_mode_runs_in_ort_with_kv_cache(tiny_onnx, fp32_run, mode, tmp_path):
     assert 100 * (ppl / ref_ppl - 1) < MAX_PPL_INCREASE[mode]
 
 
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int4-weight", "fp16"])
+def test_mode_runs_on_an_ort_target_export(tiny_ort_onnx, mode, tmp_path):
+    """The ort-target graph (GroupQueryAttention, SkipLayerNormalization, FastGelu) quantizes too: the MatMuls are
+    quantized, the contrib ops kept (fp16: ONNX Runtime has an fp16 GQA CPU kernel), and the output runs with its
+    shared in-place cache."""
+    ref = _decoder(tiny_ort_onnx)
+    ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, (2, 24))
+    ref_logits, _ = ref.forward(ids)
+    ref_ppl = perplexity_onnx(tiny_ort_onnx, windows=4, corpus_bytes=400_000)["ppl"]
+    out = quantize_onnx(tiny_ort_onnx, mode, out=tmp_path / f"tiny.ort.{mode}.onnx", calib_samples=4,
+                        corpus_bytes=400_000)
+    assert read_metadata_props(out)["hotpath.target"] == "ort"
+    ops = {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu"} <= ops
+    if mode != "fp16":
+        assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"}
+    dec = _decoder(out)
+    assert dec.shared_cache and dec.dtype == (np.float16 if mode == "fp16" else np.float32)
+    logits, _ = dec.forward(ids)
+    assert sqnr_db(ref_logits, logits) > MIN_SQNR[mode]
+    ppl = perplexity_onnx(out, windows=4, corpus_bytes=400_000)["ppl"]
+    assert 100 * (ppl / ref_ppl - 1) < MAX_PPL_INCREASE[mode]
+    # the in-place cache path: a prefill step gives the prefill's last logits
+    cache = dec.new_cache(slots=2, max_len=32)
+    step = dec.step(cache, 1, ids[:1, :16], np.array([0]))
+    full, _ = dec.forward(ids[:1, :16], logits_to_keep=1)
+    assert sqnr_db(full[:, -1], step) > 40
+    assert [len(t) for t in dec.generate_batch([ids[0, :5].tolist(), ids[1, :9].tolist()], 6)] == [6, 6]
+
+
 def test_quantized_files_are_smaller(tiny_onnx, tmp_path):
     size = R.file_bytes(tiny_onnx)
     int8 = quantize_onnx(tiny_onnx, "int8-dynamic", out=tmp_path / "d.onnx")
