@@ -81,7 +81,8 @@ def parse_hotpath_metadata(props: Mapping[str, str], source: str = "the model") 
     """Validate raw metadata props and decode them.
 
     Returns ``{"config": dict, "tokenizer": str, "version": str, "source_sha256": str, "kv_cache": bool,
-    "dtype": str, "target": str, "props": {every key: value}}``; raises UserError when `props` are not a hotpath export's.
+    "dtype": str, "target": str, "props": {every key: value}}``; raises UserError when `props` are not a hotpath
+    export's.
     """
     missing = [k for k in REQUIRED if k not in props]
     if missing:

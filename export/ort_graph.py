@@ -32,13 +32,13 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.gpt import GPT, apply_rope, last_positions, rope_cos_sin
+from model.gpt import GPT, Block, apply_rope, last_positions, rope_cos_sin
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -143,7 +143,7 @@ class OrtKVDecoder(nn.Module):
         self.H, self.Hkv, self.D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.packed = cfg.pos == "learned"  # rotary: q and k are rotated between the projection and GQA
         if self.packed:  # one (H + 2 H_kv) * D projection per layer: constants of the export, not new parameters
-            for i, block in enumerate(model.blocks):
+            for i, block in enumerate(_blocks(model)):
                 a = block.attn
                 self.register_buffer(f"qkv_weight_{i}", torch.cat([a.q_proj.weight, a.k_proj.weight,
                                                                    a.v_proj.weight]).detach(), persistent=False)
@@ -166,7 +166,7 @@ class OrtKVDecoder(nn.Module):
             rope = rope_cos_sin(position_ids, self.D, cfg.rope_theta, x.dtype)
         presents = []
         scale = 1.0 / math.sqrt(self.D)
-        for i, block in enumerate(m.blocks):
+        for i, block in enumerate(_blocks(m)):
             a = block.attn
             h = block.ln_1(x)
             if self.packed:
@@ -185,6 +185,10 @@ class OrtKVDecoder(nn.Module):
             x = x + block.mlp(block.ln_2(x))
         logits = m.lm_head(m.ln_f(last_positions(x, logits_to_keep)))
         return logits.float(), presents
+
+
+def _blocks(model: GPT) -> list[Block]:
+    return [cast(Block, b) for b in model.blocks]
 
 
 # ------------------------------------------------------------------------------------------------ fusions

@@ -222,8 +222,8 @@ def validate_decoder(decoder: OnnxDecoder, model: GPT, tokenizer: Tokenizer, dty
         parts.append(_compare("", ort_logits[b, real], ref_logits[0]))
         singles.append((ref_logits, ref_past))
     if kv:  # one decode step with the padded cache and a grown mask
-        last = [len(p) - 1 for p in prompts] if right else [T - 1] * 2
-        nxt = ort_logits[np.arange(2), last].argmax(-1)[:, None].astype(np.int64)
+        last_real = [len(p) - 1 for p in prompts] if right else [T - 1] * 2
+        nxt = ort_logits[np.arange(2), last_real].argmax(-1)[:, None].astype(np.int64)
         if right:  # the new token goes to column len_b of each row; positions len_b
             mask2 = (np.arange(T + 1)[None, :] < np.array(lens)[:, None] + 1).astype(np.int64)
             pos2 = np.array(lens, dtype=np.int64)[:, None]

@@ -114,20 +114,13 @@ def test_step_writes_only_its_rows_in_place(ort_decoder, tiny_model):
         dec.step(cache, 3, np.zeros((2, 1), np.int64), np.array([0, 0]))
 
 
-def test_left_padding_is_refused_on_an_ort_graph(ort_decoder):
+def test_left_padding_is_refused_on_an_ort_graph(ort_decoder, tiny_onnx):
     ids = np.array([[0, 5, 6], [4, 5, 6]])
     mask = np.array([[0, 1, 1], [1, 1, 1]])
     with pytest.raises(ValueError, match="right-padded"):
         ort_decoder.forward(ids, mask)
-    with pytest.raises(ValueError, match="--target ort"):
-        OnnxDecoder.new_cache(_GenericStub(), 1)
-
-
-class _GenericStub:
-    shared_cache, target = False, "generic"
-
-    class path:  # noqa: N801 - mimics Path.name
-        name = "x.onnx"
+    with pytest.raises(ValueError, match="--target ort"):  # a generic graph concatenates: no shared cache
+        OnnxDecoder(tiny_onnx, threads=1).new_cache(1)
 
 
 def test_llama_options_export_and_validate(tiny_model, tmp_path):
