@@ -1,5 +1,9 @@
-"""Export a hotpath checkpoint to ONNX, validated: `python -m export.to_onnx ckpt.pt [--out PATH] [--opset N]
-[--no-kv-cache] [--dtype fp32|fp16] [--no-validate]`.
+"""Export a hotpath checkpoint to ONNX, validated: `python -m export.to_onnx ckpt.pt [--out PATH]
+[--target ort|generic] [--opset N] [--no-kv-cache] [--dtype fp32|fp16] [--no-validate]`.
+
+``--target ort`` (the CLI's default) writes the graph below with ONNX Runtime's contrib ops (GroupQueryAttention with
+right padding and a cache past and present may share, SkipLayerNormalization, FastGelu: :mod:`export.ort_graph`);
+``--target generic`` (``export_onnx``'s default) writes standard ONNX ops, for TensorRT and other runtimes.
 
 The default graph is a decoder with a KV cache that serves both prefill (empty past) and decode, with the names
 ONNX Runtime GenAI, Optimum and transformers.js use::
@@ -503,7 +507,7 @@ def export_onnx(checkpoint_or_model: str | os.PathLike | GPT, out_path: str | os
             from .onnx_runtime import OnnxDecoder
             from .validate import validate_decoder
 
-            say("validating: ONNX Runtime against PyTorch (random inputs, left padding, corpus text, greedy 32)")
+            say("validating: ONNX Runtime against PyTorch (random inputs, padding, corpus text, greedy 32)")
             tol = tolerance or TOLERANCES[dtype]
             try:
                 decoder = OnnxDecoder(tmp, providers=["CPUExecutionProvider"])
