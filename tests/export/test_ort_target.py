@@ -170,3 +170,16 @@ def test_an_erf_gelu_swap_fails_validation(tiny_model, tmp_path):
     erf = validate_decoder(OnnxDecoder(tmp_path / "erf.onnx", threads=1), model, tok)
     assert not erf.passed, erf.table()
     assert erf.max_abs_diff > 100 * report.validation.max_abs_diff
+
+
+def test_fp16_ort_export_validates_through_the_cli(tiny_ckpt, tmp_path):
+    """--dtype fp16 with the default target: ONNX Runtime has an fp16 GroupQueryAttention CPU kernel; the shared
+    cache is fp16 too."""
+    from export.to_onnx import main
+
+    out = tmp_path / "tiny.fp16.onnx"
+    assert main([str(tiny_ckpt), "--dtype", "fp16", "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["target"] == "ort" and report["ok"]
+    dec = OnnxDecoder(out, threads=1)
+    assert dec.new_cache(1, 8).keys[0].dtype == np.float16
