@@ -71,7 +71,7 @@ def test_mode_runs_in_ort_with_kv_cache(tiny_onnx, fp32_run, mode, tmp_path):
     assert 100 * (ppl / ref_ppl - 1) < MAX_PPL_INCREASE[mode]
 
 
-@pytest.mark.parametrize("mode", ["int8-dynamic", "int4-weight", "fp16"])
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static", "int4-weight", "fp16"])
 def test_mode_runs_on_an_ort_target_export(tiny_ort_onnx, mode, tmp_path):
     """The ort-target graph (GroupQueryAttention, SkipLayerNormalization, FastGelu) quantizes too: the MatMuls are
     quantized, the contrib ops kept (fp16: ONNX Runtime has an fp16 GQA CPU kernel), and the output runs with its
@@ -86,7 +86,7 @@ def test_mode_runs_on_an_ort_target_export(tiny_ort_onnx, mode, tmp_path):
     ops = {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
     assert {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu"} <= ops
     if mode != "fp16":
-        assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"}
+        assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearMatMul", "DequantizeLinear"}
     dec = _decoder(out)
     assert dec.shared_cache and dec.dtype == (np.float16 if mode == "fp16" else np.float32)
     logits, _ = dec.forward(ids)
