@@ -262,9 +262,12 @@ class OnnxDecoder:
 
         Several tokens after a non-empty past run row by row (GroupQueryAttention's CPU kernel takes batch 1 there).
         """
+        if not self.shared_cache:
+            raise ValueError(f"{self.path.name} is a {self.target}-target export: it has no shared cache to step "
+                             "(re-export with --target ort, or use forward)")
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         lens = np.ascontiguousarray(lengths, dtype=np.int64).reshape(-1)
-        if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] != lens.shape[0]:
+        if ids.ndim != 2 or 0 in ids.shape or ids.shape[0] != lens.shape[0]:
             raise ValueError(f"input_ids must be (n, tokens) with n = len(lengths) = {lens.shape[0]}, got {ids.shape}")
         n, T = ids.shape
         if not (0 <= start and start + n <= cache.slots):
