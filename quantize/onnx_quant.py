@@ -39,10 +39,12 @@ import onnx
 import torch
 
 from common.errors import UserError
-from common.files import atomic_path, existing_file
+from common.files import OUTPUT_MODE, atomic_path, existing_file
 from export.genai_config import write_genai_config
 from export.onnx_check import check_onnx_file
 from export.onnx_meta import gpt_config, parse_hotpath_metadata, read_metadata_props, set_metadata_props, tokenizer_of
+from export.tied_weights import untied_copy
+from export.to_onnx import EXTERNAL_DATA_BYTES
 
 from . import report as R
 
@@ -94,13 +96,17 @@ def _hotpath_metadata(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
 
 
 def _save(model: onnx.ModelProto, out: Path, props: dict[str, str]) -> Path:
-    """Metadata props written onto `model` (replacing same keys), saved atomically; >2 GB as external data."""
+    """Metadata props written onto `model` (replacing same keys), saved atomically; weights over
+    export.to_onnx.EXTERNAL_DATA_BYTES as external data (ONNX Runtime maps them instead of copying them out of a
+    parsed protobuf: GPT-2 124M int8-dynamic peak RSS 613 -> 495 MiB)."""
     set_metadata_props(model, props)
-    large = model.ByteSize() > 1_900_000_000
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    large = weights > EXTERNAL_DATA_BYTES or model.ByteSize() > 1_900_000_000
     with atomic_path(out) as tmp:
         if large:
             onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=out.name + ".data")
+            os.chmod(out.parent / (out.name + ".data"), OUTPUT_MODE)  # onnx writes it 0600
         else:
             onnx.save_model(model, str(tmp))
     return out
@@ -139,7 +145,7 @@ def list_nodes(src_onnx: str | os.PathLike) -> list[tuple[str, str, str]]:
     src = existing_file(src_onnx, "model")
     _hotpath_metadata(_load_onnx(src), src)
     with tempfile.TemporaryDirectory(prefix="hotpath-quant.") as tmp:
-        pre = onnx.load(str(pre_process(src, Path(tmp) / "pre.onnx")))
+        pre = onnx.load(str(pre_process(untied_copy(src, Path(tmp) / "untied.onnx"), Path(tmp) / "pre.onnx")))
     shapes = {i.name: "x".join(map(str, i.dims)) for i in pre.graph.initializer}
     rows = []
     for n in pre.graph.node:
@@ -239,7 +245,8 @@ def quantize_onnx(src_onnx: str | os.PathLike, mode: str, out: str | os.PathLike
         if mode == "fp16":
             model = _fp16(source, exclude, details)
         else:
-            pre = pre_process(src, tmp / "pre.onnx")
+            # ONNX Runtime's quantizers expect the tied embedding / LM head in the exporter's own form
+            pre = pre_process(untied_copy(src, tmp / "untied.onnx"), tmp / "pre.onnx")
             pre_model = onnx.load(str(pre))
             excluded = match_nodes(pre_model, exclude) if exclude else []
             if excluded:
