@@ -12,8 +12,17 @@ single-row kernel reads ``WT`` as stored), and the embedding is ``Gather(WT, ids
 (*ids, C) by a Transpose and a Squeeze (C strided reads per token, microseconds). Standard ONNX ops only, so
 TensorRT and other runtimes read it too; :mod:`export.validate` checks it against PyTorch like any export.
 
-Measured at GPT-2 124M (2 threads, ORT 1.32, a loaded 2-core AVX2 machine), ``python -m bench.ort_memory``:
-see the table in docs/export.md ("Memory").
+The alternatives, measured at GPT-2 124M fp32 with external data (``python -m bench.ort_memory FILE [--prepack
+off]``: peak RSS over a 512-token prefill and 16 decode steps, 2 threads, ORT 1.32):
+
+    graph                                           prepacking on   prepacking off
+    exporter's Gather(W) + MatMul(Transpose(W))     834 MiB         846 MiB
+    Gather(W) + Gemm(transB=1) over a 2-D view      845 MiB         698 MiB
+    this module: (1, C, vocab) for both             698 MiB         698 MiB
+
+A 2-D weight is prepacked into a second buffer beside the one the Gather reads, whatever the graph says; only
+turning prepacking off for the whole session avoids that for a Gemm, and that slows the int4 decode several times
+(:mod:`export.ort_session`). A 3-D weight is not prepacked, so this form keeps one copy with prepacking on.
 """
 from __future__ import annotations
 
