@@ -26,10 +26,10 @@ turning prepacking off for the whole session avoids that for a Gemm, and that sl
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
+    import onnx
     import onnx_ir as ir
 
 
@@ -181,18 +181,13 @@ def untie_embedding(model: ir.Model) -> bool:
     return True
 
 
-def untied_copy(path: Path, scratch: Path) -> Path:
-    """The input ONNX Runtime's quantization tools expect: `path` itself when it is one file with no shared tied
-    embedding, else a copy written to `scratch` with the embedding untied and every weight inline (their
-    `quant_pre_process` loses external data that lies beside its input)."""
+def untied_proto(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The input ONNX Runtime's quantization tools expect: `model` itself when it stores no shared tied embedding,
+    else an untied copy (the form :func:`untie_embedding` gives). Weights `model` holds in memory stay there: pass
+    the result to their `quant_pre_process` as a ModelProto (it loses external data that lies beside a path)."""
     import onnx_ir as ir
-    from onnx_ir.external_data import load_to_model
 
-    model = ir.load(str(path))
-    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-    if not untie_embedding(model) and not external:
-        return path
-    if external:
-        load_to_model(model)  # read the weights into memory, so the copy holds them
-    ir.save(model, scratch)
-    return scratch
+    wrapped = ir.from_proto(model)  # wraps the proto's tensors, no copy
+    if not untie_embedding(wrapped):
+        return model
+    return ir.to_proto(wrapped)

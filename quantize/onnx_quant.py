@@ -43,7 +43,7 @@ from common.files import OUTPUT_MODE, atomic_path, existing_file
 from export.genai_config import write_genai_config
 from export.onnx_check import check_onnx_file
 from export.onnx_meta import gpt_config, parse_hotpath_metadata, read_metadata_props, set_metadata_props, tokenizer_of
-from export.tied_weights import untied_copy
+from export.tied_weights import untied_proto
 from export.to_onnx import EXTERNAL_DATA_BYTES
 
 from . import report as R
@@ -114,7 +114,8 @@ def _save(model: onnx.ModelProto, out: Path, props: dict[str, str]) -> Path:
 
 def pre_process(src: Path, dst: Path) -> Path:
     """ONNX Runtime's `quant_pre_process` (symbolic shape inference + graph optimizations); falls back to ONNX
-    shape inference alone when the symbolic pass cannot follow the graph."""
+    shape inference alone when the symbolic pass cannot follow the graph. `src` must hold its weights inline
+    (:func:`quantization_input`): the fallback's scratch copies lose external data that lies beside a file."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     # the symbolic pass saves scratch files (sym_shape_infer_temp.onnx + external data) in the working directory
@@ -125,6 +126,18 @@ def pre_process(src: Path, dst: Path) -> Path:
         except Exception:  # noqa: BLE001 - symbolic inference gives up on some exporter patterns, any error type
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return dst
+
+
+def quantization_input(source: onnx.ModelProto, src: Path, scratch: Path) -> Path:
+    """What `pre_process` reads: the file `src` itself when it is one file in the exporter's form, else `source`
+    (`src` as loaded, weights in memory) written to `scratch` with its weights inline and its tied embedding / LM
+    head untied (:func:`export.tied_weights.untied_proto`), the form ONNX Runtime's quantizers know."""
+    model = untied_proto(source)
+    if model is source and not any(t.data_location == onnx.TensorProto.EXTERNAL
+                                   for t in check_onnx_file(src).graph.initializer):
+        return src
+    onnx.save(model, str(scratch))
+    return scratch
 
 
 def match_nodes(model: onnx.ModelProto, patterns: Sequence[str]) -> list[str]:
@@ -143,9 +156,11 @@ def list_nodes(src_onnx: str | os.PathLike) -> list[tuple[str, str, str]]:
     """(name, op type, weight) of every MatMul/Gemm/Gather in the graph as quantized (after `pre_process`): the
     names `exclude` takes. The weight column is the constant input's shape, or "activation" for the attention."""
     src = existing_file(src_onnx, "model")
-    _hotpath_metadata(_load_onnx(src), src)
+    source = _load_onnx(src)
+    _hotpath_metadata(source, src)
     with tempfile.TemporaryDirectory(prefix="hotpath-quant.") as tmp:
-        pre = onnx.load(str(pre_process(untied_copy(src, Path(tmp) / "untied.onnx"), Path(tmp) / "pre.onnx")))
+        given = quantization_input(source, src, Path(tmp) / "in.onnx")
+        pre = onnx.load(str(pre_process(given, Path(tmp) / "pre.onnx")))
     shapes = {i.name: "x".join(map(str, i.dims)) for i in pre.graph.initializer}
     rows = []
     for n in pre.graph.node:
@@ -245,8 +260,9 @@ def quantize_onnx(src_onnx: str | os.PathLike, mode: str, out: str | os.PathLike
         if mode == "fp16":
             model = _fp16(source, exclude, details)
         else:
-            # ONNX Runtime's quantizers expect the tied embedding / LM head in the exporter's own form
-            pre = pre_process(untied_copy(src, tmp / "untied.onnx"), tmp / "pre.onnx")
+            # the model as loaded (weights in memory, external data included), with the tied embedding / LM head in
+            # the exporter's own form, the one ONNX Runtime's quantizers know
+            pre = pre_process(quantization_input(source, src, tmp / "in.onnx"), tmp / "pre.onnx")
             pre_model = onnx.load(str(pre))
             excluded = match_nodes(pre_model, exclude) if exclude else []
             if excluded:
