@@ -2,8 +2,8 @@
 
 The exporter writes GPT-2's tied ``wte`` once, as ``W`` (vocab, C), read by the embedding ``Gather(W, ids)`` and by
 the LM head as ``MatMul(h, Transpose(W))``. ONNX Runtime then folds ``Transpose(W)`` into a second initializer at
-session start (and MLAS prepacks that one into a third buffer): at GPT-2 124M, 147 MiB more resident memory than the
-weights, for the same numbers.
+session start (which MLAS prepacks): at GPT-2 124M, 147 MiB more resident memory than the weights, for the same
+numbers.
 
 :func:`share_tied_embedding` stores the transpose instead, once, as ``WT`` (1, C, vocab), and points both readers at
 it: the LM head is ``MatMul(h, WT)`` (ONNX Runtime flattens the leading 1 and runs one GEMM over the batch; a 3-D

@@ -6,7 +6,12 @@ Names resolve lazily (PEP 562), so `import model` and torch-free submodules (:mo
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the real names for type checkers; at run time they resolve on first use
+    from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, save_safetensors
+    from .config import GPTConfig
+    from .gpt import GPT
 
 _LAZY = {
     "GPT": "gpt", "GPTConfig": "config",
@@ -14,7 +19,7 @@ _LAZY = {
     "save_safetensors": "checkpoint",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["GPT", "GPTConfig", "load_checkpoint", "read_checkpoint", "save_checkpoint", "save_safetensors"]
 
 
 def __getattr__(name: str) -> Any:
