@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import onnx
     from tokenizers import Tokenizer
 
-    from model.gpt import GPTConfig
+    from model.config import GPTConfig
 
 PathOrProto = Union[str, os.PathLike, "onnx.ModelProto"]
 
@@ -153,7 +153,7 @@ def graph_without_logits_to_keep(path: str | os.PathLike) -> Optional[bytes]:
 
 def gpt_config(meta: Mapping[str, Any]) -> GPTConfig:
     """GPTConfig from decoded metadata."""
-    from model.gpt import GPTConfig
+    from model.config import GPTConfig
 
     try:
         return GPTConfig.from_dict(dict(meta["config"]))

@@ -25,8 +25,9 @@ one column per row instead of copying the cache. A serving engine gives each req
 concatenating path (left padding, past in, present out) on generic ones.
 
 Generation mirrors :func:`model.generate.stream_tokens` step for step (one prefill, one cached decode step per
-token, the same stopping rule, :func:`model.sampling.sample_next` on the logits as torch tensors with a torch
-generator seeded the same way), so with the same seed it yields the same tokens as the PyTorch model.
+token, the same stopping rule, the token chosen by :class:`model.next_token.NextToken`), so with the same seed it
+yields the same tokens as the PyTorch model. Greedy generation runs without torch (NumPy argmax): this module and
+`python -m export.onnx_runtime` import torch only when sampling with a temperature (the seeded torch generator).
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ import numpy.typing as npt
 
 from common import cli
 from common.cli import UserError
-from model.generate import check_prompt, print_stream
+from model.next_token import NextToken
+from model.prompt import check_prompt, print_stream
 
 from .onnx_meta import LOGITS_TO_KEEP, gpt_config, parse_hotpath_metadata, tokenizer_of
 from .ort_session import open_session
@@ -364,14 +366,10 @@ class OnnxDecoder:
                top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
                eos_id: Optional[int] = None) -> Iterator[int]:
         """Yield new token ids one by one, as :func:`model.generate.stream_tokens` does for the torch model."""
-        import torch
-
-        from model.sampling import sample_next
-
         ctx = self.config.block_size
         prompt_ids = [int(t) for t in prompt_ids]
         check_prompt(prompt_ids, ctx)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        choose = NextToken(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids) + 1)
         seq = list(prompt_ids)
         if self.shared_cache:  # one row of a max-length cache, written in place
@@ -380,9 +378,7 @@ class OnnxDecoder:
             return
         logits, past = self.forward(np.array([seq], dtype=np.int64), logits_to_keep=1)  # the LM head on 1 position
         for i in range(max_new_tokens):
-            nxt = sample_next(torch.from_numpy(logits[:, -1].copy()), temperature=temperature, top_k=top_k,
-                              top_p=top_p, generator=generator)
-            token = int(nxt.item())
+            token = int(choose(logits[:, -1])[0])
             yield token
             if token == eos_id or i + 1 == max_new_tokens:
                 return

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
-from tokenizers import Tokenizer
 
 from common import cli
 from .checkpoint import load_checkpoint
 from .gpt import GPT
+from .prompt import check_prompt, print_stream  # re-exported: generators import them from here too
 from .sampling import sample_next
 from .tokenizer import eos_id
 
@@ -49,20 +49,6 @@ def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, **kwargs: A
     return list(stream_tokens(model, prompt_ids, max_new_tokens, **kwargs))
 
 
-def check_prompt(prompt_ids: Sequence[int], context: int, *, user_error: bool = False) -> None:
-    """Refuse an empty prompt or one longer than the model's context of `context` tokens (shared by every
-    generator): ValueError, or with ``user_error=True`` (a CLI) a UserError that also says what to do."""
-    if len(prompt_ids) == 0:
-        what, todo = "the prompt is empty", "pass --prompt TEXT"
-    elif len(prompt_ids) > context:
-        what, todo = f"the prompt has {len(prompt_ids)} tokens, over the model context of {context}", "shorten it"
-    else:
-        return
-    if user_error:
-        raise cli.UserError(f"{what} ({todo})")
-    raise ValueError(what)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m model.generate", "Generate text from a hotpath checkpoint with the KV cache.")
     p.add_argument("checkpoint")
@@ -84,21 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, eos_id=eos_id(tokenizer)))
     return 0
-
-
-def print_stream(tokenizer: Tokenizer, prompt: str, tokens: Iterator[int]) -> None:
-    """Write the prompt, then the generated text as it arrives (whole characters only), then a newline."""
-    sys.stdout.write(prompt)
-    out: list[int] = []
-    printed = ""
-    for token in tokens:
-        out.append(token)
-        text = tokenizer.decode(out)
-        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write("\n")
 
 
 if __name__ == "__main__":
