@@ -374,7 +374,7 @@ class OnnxDecoder:
         seq = list(prompt_ids)
         if self.shared_cache:  # one row of a max-length cache, written in place
             cache = self.new_cache(1, min(ctx, len(seq) + max_new_tokens))
-            yield from self._stream_shared(cache, seq, max_new_tokens, temperature, top_k, top_p, generator, eos_id)
+            yield from self._stream_shared(cache, seq, max_new_tokens, choose, eos_id)
             return
         logits, past = self.forward(np.array([seq], dtype=np.int64), logits_to_keep=1)  # the LM head on 1 position
         for i in range(max_new_tokens):
@@ -388,13 +388,8 @@ class OnnxDecoder:
             else:  # no cache in the graph: recompute the whole sequence
                 logits, _ = self.forward(np.array([seq], dtype=np.int64), logits_to_keep=1)
 
-    def _stream_shared(self, cache: KVCache, seq: list[int], max_new_tokens: int, temperature: float,
-                       top_k: Optional[int], top_p: Optional[float], generator: Any,
+    def _stream_shared(self, cache: KVCache, seq: list[int], max_new_tokens: int, choose: NextToken,
                        eos_id: Optional[int]) -> Iterator[int]:
-        import torch
-
-        from model.sampling import sample_next
-
         length = 0
         new = seq
         for i in range(max_new_tokens):
@@ -402,9 +397,7 @@ class OnnxDecoder:
                 return
             logits = self.step(cache, 0, np.array([new], dtype=np.int64), np.array([length]))
             length += len(new)
-            nxt = sample_next(torch.from_numpy(logits.copy()), temperature=temperature, top_k=top_k, top_p=top_p,
-                              generator=generator)
-            token = int(nxt.item())
+            token = int(choose(logits)[0])
             yield token
             if token == eos_id or i + 1 == max_new_tokens:
                 return
