@@ -143,14 +143,17 @@ class BaseBackend:
         goes in at column P with position `length`, and its key/value is copied from `present` into column
         `length` of its slot. A mask with holes (right-padded past, then the new token) is what the model and the
         exported graph compute with: attention takes the explicit mask, positions come from `position_ids`."""
-        P = cache.capacity
         lengths = lengths.long()
-        if n and int(lengths.max()) >= P:
-            raise ValueError(f"no free column: a slot holds {int(lengths.max())} tokens, capacity {P} (cache.fit)")
+        if n and int(lengths.max()) >= cache.capacity:
+            raise ValueError(f"no free column: a slot holds {int(lengths.max())} tokens, capacity {cache.capacity} "
+                             "(cache.fit)")
+        # past + the new token must fit the model's context: at full capacity, leave out the last column (no live
+        # row uses it as past; a strided view, copied by runtimes that need contiguous input, only in that case)
+        P = min(cache.capacity, self.max_context - 1)
         cols = torch.arange(P + 1).unsqueeze(0)
         mask = ((cols < lengths.unsqueeze(1)) | (cols == P)).long()  # (n, P + 1)
-        logits, present = self.forward(tokens.long().view(-1, 1), mask, lengths.view(-1, 1), cache.rows(start, n),
-                                       logits_to_keep=1)
+        past = cache.rows(start, n, None if P == cache.capacity else P)
+        logits, present = self.forward(tokens.long().view(-1, 1), mask, lengths.view(-1, 1), past, logits_to_keep=1)
         cache.write(start, lengths, present, P)
         return logits[:, -1].float()
 
