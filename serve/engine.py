@@ -281,7 +281,7 @@ class Engine:
                 if self._rows:
                     self._decode()
                 if not self._rows and self._filling is None and self._cache is not None:
-                    self._cache.fit(0, 0, 0)  # idle: give the columns back
+                    self._cache.fit(0, 0, 0)  # idle: give the memory back
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests (they get the error), not the server
                 failed = self._rows + ([self._filling] if self._filling is not None else [])
                 for h in failed:

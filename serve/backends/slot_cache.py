@@ -8,15 +8,18 @@ reads in place (ONNX Runtime through `torch.from_numpy`/`.numpy()` views, no cop
 
 Memory. Preallocating every slot at the model's full context costs 2 x layers x slots x kv_heads x max_len x
 head_dim x bytes: GPT-2 124M in fp32 with 16 slots x 1024 columns is 2 x 12 x 16 x 12 x 1024 x 64 x 4 B = 1.13 GiB,
-more than the int8 model and its runtime together. So columns are allocated lazily, in chunks of `chunk` columns:
-`fit(columns, rows)` grows the capacity to what the next step needs (rounded up to a chunk) and shrinks it again
-when the live requests need two chunks less, copying only the live rows' used columns each time. At 16 requests of
-128 + 128 tokens the capacity stays at 256-320 columns (about 300 MiB at 124M fp32), and an idle engine holds none.
+more than the int8 model and its runtime together. So both dimensions are allocated lazily: columns in chunks of
+`chunk`, slots in groups of `SLOT_GROUP`. `fit(columns, rows, used)` grows the allocation to what the next step
+needs (rounded up) and shrinks the columns again when the live requests need two chunks less (no reallocation
+for a length hovering at a boundary), copying only the live rows' used columns each time; an idle engine calls
+`fit(0, 0, 0)` and holds nothing. At 16 requests of 128 + 128 tokens the capacity stays at 256-288 columns
+(about 290 MiB at 124M fp32); one request alone holds 4 slots' worth (about 72 MiB at 256 columns), not 16.
 Why not cut each step's view to the longest live request instead: a cut view is strided, and every runtime but
 eager torch would copy it whole each step; the chunk rounding costs at most `chunk` masked columns of attention.
 
 A backend whose runtime writes the cache itself (ONNX Runtime with a shared past/present buffer) can subclass this
-or allocate its own buffers with `chunk = max_len` (no regrowth, stable addresses) and share them with NumPy.
+or build it with `chunk = max_len` and `slot_group = slots`: the first `fit` then allocates the whole cache and no
+later one reallocates it, so the addresses stay put and `k.numpy()` views of `layers` can be bound once.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from typing import Optional
 
 import torch
 
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 32  # columns; a regrowth copies the live rows once per `chunk` decode steps at most
+SLOT_GROUP = 4  # slots are allocated 4 at a time
 
 
 class SlotCache:
@@ -33,19 +37,24 @@ class SlotCache:
 
     def __init__(self, n_layer: int, slots: int, kv_heads: int, head_dim: int, max_len: int, *,
                  dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
-                 chunk: int = DEFAULT_CHUNK):
-        if min(n_layer, slots, kv_heads, head_dim, max_len, chunk) < 1:
-            raise ValueError("a slot cache needs at least one layer, slot, head, column and a positive chunk")
+                 chunk: int = DEFAULT_CHUNK, slot_group: int = SLOT_GROUP):
+        if min(n_layer, slots, kv_heads, head_dim, max_len, chunk, slot_group) < 1:
+            raise ValueError("a slot cache needs at least one layer, slot, head, column and positive chunks")
         self.n_layer, self.slots, self.kv_heads, self.head_dim = n_layer, slots, kv_heads, head_dim
-        self.max_len, self.chunk = max_len, chunk
+        self.max_len, self.chunk, self.slot_group = max_len, chunk, slot_group
         self.dtype, self.device = dtype, torch.device(device or "cpu")
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._resize(0, 0, 0)
+        self._resize(0, 0, 0, 0)
 
     @property
     def capacity(self) -> int:
         """Columns allocated per slot now."""
         return self.layers[0][0].shape[2]
+
+    @property
+    def allocated_slots(self) -> int:
+        """Slots allocated now (the rows a step may touch: [0, allocated_slots))."""
+        return self.layers[0][0].shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -54,24 +63,30 @@ class SlotCache:
     def fit(self, columns: int, rows: int, used: int) -> None:
         """Make room for `columns` columns in slots [0, rows), which hold data in their first `used` columns.
 
-        Grows to `columns` rounded up to a chunk; shrinks when that is two chunks or more below the capacity (so a
-        length that hovers at a chunk boundary does not reallocate every step). Either way only [0, rows) x [0, used)
-        is copied."""
-        if columns > self.max_len:
-            raise ValueError(f"{columns} columns exceed the cache's {self.max_len}")
-        target = min(self.max_len, -(-columns // self.chunk) * self.chunk)
-        if target > self.capacity or target <= self.capacity - 2 * self.chunk:
-            self._resize(target, rows, min(used, target))
+        Columns grow to `columns` rounded up to a chunk and shrink when that is two chunks or more below the
+        capacity (so a length that hovers at a chunk boundary does not reallocate every step); slots grow in groups
+        and are released when `rows` is 0. Either way only [0, rows) x [0, used) is copied."""
+        if columns > self.max_len or rows > self.slots:
+            raise ValueError(f"{rows} slots x {columns} columns exceed the cache's {self.slots} x {self.max_len}")
+        want = min(self.max_len, -(-columns // self.chunk) * self.chunk)
+        cols = want if want > self.capacity or want <= self.capacity - 2 * self.chunk else self.capacity
+        slots = self.allocated_slots
+        if rows > slots or rows == 0:  # slots grow as requests join; given back only when none is live
+            slots = min(self.slots, -(-rows // self.slot_group) * self.slot_group)
+        if (slots, cols) != (self.allocated_slots, self.capacity):
+            self._resize(slots, cols, rows, min(used, cols))
 
-    def _resize(self, capacity: int, rows: int, used: int) -> None:
-        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
+    def _resize(self, slots: int, capacity: int, rows: int, used: int) -> None:
+        shape = (slots, self.kv_heads, capacity, self.head_dim)
         new = []
         for i in range(self.n_layer):
             pair = []
             for j in range(2):
                 t = torch.zeros(shape, dtype=self.dtype, device=self.device)  # finite everywhere: masked, not NaN
-                if rows and used:
-                    t[:rows, :, :used] = self.layers[i][j][:rows, :, :used]
+                if self.layers:
+                    old = self.layers[i][j]
+                    r, u = min(rows, old.shape[0]), min(used, old.shape[2])
+                    t[:r, :, :u] = old[:r, :, :u]
                 pair.append(t)
             new.append((pair[0], pair[1]))
             if self.layers:

@@ -45,7 +45,7 @@ def check_slots_against_forward_alone(backend, model, atol):
     prompts = [[5, 9, 2, 7, 1], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [8, 8]]
     cache = SlotCache(backend.n_layer, 4, backend.kv_heads, backend.head_dim, 64, dtype=backend.kv_dtype,
                       device=backend.device, chunk=8)
-    cache.fit(16, 0, 0)
+    cache.fit(16, 3, 0)
 
     def alone(ids):
         with torch.no_grad():

@@ -96,9 +96,9 @@ def test_slots_regrowing_and_chunked_prefill_match_generate(tiny_model, prefill_
         handles = [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(ids, MAX_TOKENS)]
         out = [h.result(timeout=120) for h in handles]
         deadline = time.monotonic() + 10
-        while engine._cache is not None and engine._cache.capacity and time.monotonic() < deadline:
+        while engine._cache is not None and engine._cache.nbytes and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert engine._cache is not None and engine._cache.capacity == 0  # idle: the columns were given back
+        assert engine._cache is not None and engine._cache.nbytes == 0  # idle: the memory was given back
     finally:
         engine.stop()
     assert out == ref

@@ -19,13 +19,13 @@ def filled(cache: SlotCache, rows: int, used: int) -> list[torch.Tensor]:
 
 
 def test_fit_grows_and_shrinks_in_chunks_keeping_live_rows():
-    cache = SlotCache(2, 4, 3, 5, 40, chunk=8)
+    cache = SlotCache(2, 6, 3, 5, 40, chunk=8, slot_group=2)
     assert cache.capacity == 0 and cache.nbytes == 0
-    cache.fit(5, 0, 0)
-    assert cache.capacity == 8
+    cache.fit(5, 1, 0)
+    assert cache.capacity == 8 and cache.allocated_slots == 2
     want = filled(cache, 2, 7)
-    cache.fit(9, 2, 7)  # past the chunk: grows to 16, copies rows 0-1, columns 0-6
-    assert cache.capacity == 16
+    cache.fit(9, 3, 7)  # past the chunk and the slot group (a third request joins in slot 2): copies rows 0-1
+    assert cache.capacity == 16 and cache.allocated_slots == 4
     assert cache.nbytes == 2 * 2 * 4 * 3 * 16 * 5 * 4
     got = [t[:2, :, :7] for pair in cache.layers for t in pair]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -38,15 +38,17 @@ def test_fit_grows_and_shrinks_in_chunks_keeping_live_rows():
     assert cache.capacity == 16  # two chunks or more below: shrunk, data kept
     got = [t[:2, :, :7] for pair in cache.layers for t in pair]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    cache.fit(9, 1, 7)
+    assert cache.allocated_slots == 4  # slots are kept while requests run
     cache.fit(0, 0, 0)
-    assert cache.capacity == 0
+    assert cache.capacity == 0 and cache.allocated_slots == 0 and cache.nbytes == 0
     with pytest.raises(ValueError, match="exceed"):
         cache.fit(41, 0, 0)
 
 
 def test_move_write_and_rows():
     cache = SlotCache(1, 4, 2, 3, 16, chunk=16)
-    cache.fit(16, 0, 0)
+    cache.fit(16, 4, 0)
     want = filled(cache, 4, 10)
     cache.move(3, 1, 10)
     k, v = cache.layers[0]
