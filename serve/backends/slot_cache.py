@@ -17,9 +17,10 @@ for a length hovering at a boundary), copying only the live rows' used columns e
 Why not cut each step's view to the longest live request instead: a cut view is strided, and every runtime but
 eager torch would copy it whole each step; the chunk rounding costs at most `chunk` masked columns of attention.
 
-A backend whose runtime writes the cache itself (ONNX Runtime with a shared past/present buffer) can subclass this
-or build it with `chunk = max_len` and `slot_group = slots`: the first `fit` then allocates the whole cache and no
-later one reallocates it, so the addresses stay put and `k.numpy()` views of `layers` can be bound once.
+A backend whose runtime writes the cache itself (ONNX Runtime with a shared past/present buffer, which wants
+(slots, kv_heads, max_len, head_dim) buffers) builds it `pinned=True`: the first `fit` allocates every slot at
+`max_len` columns and no later one reallocates, so the addresses stay put and `k.numpy()` views of `layers`
+(CPU tensors share memory with NumPy) can be bound once.
 """
 from __future__ import annotations
 
@@ -37,11 +38,11 @@ class SlotCache:
 
     def __init__(self, n_layer: int, slots: int, kv_heads: int, head_dim: int, max_len: int, *,
                  dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
-                 chunk: int = DEFAULT_CHUNK, slot_group: int = SLOT_GROUP):
+                 chunk: int = DEFAULT_CHUNK, slot_group: int = SLOT_GROUP, pinned: bool = False):
         if min(n_layer, slots, kv_heads, head_dim, max_len, chunk, slot_group) < 1:
             raise ValueError("a slot cache needs at least one layer, slot, head, column and positive chunks")
         self.n_layer, self.slots, self.kv_heads, self.head_dim = n_layer, slots, kv_heads, head_dim
-        self.max_len, self.chunk, self.slot_group = max_len, chunk, slot_group
+        self.max_len, self.chunk, self.slot_group, self.pinned = max_len, chunk, slot_group, pinned
         self.dtype, self.device = dtype, torch.device(device or "cpu")
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._resize(0, 0, 0, 0)
@@ -68,6 +69,10 @@ class SlotCache:
         and are released when `rows` is 0. Either way only [0, rows) x [0, used) is copied."""
         if columns > self.max_len or rows > self.slots:
             raise ValueError(f"{rows} slots x {columns} columns exceed the cache's {self.slots} x {self.max_len}")
+        if self.pinned:  # all of it, once
+            if self.capacity == 0:
+                self._resize(self.slots, self.max_len, 0, 0)
+            return
         want = min(self.max_len, -(-columns // self.chunk) * self.chunk)
         cols = want if want > self.capacity or want <= self.capacity - 2 * self.chunk else self.capacity
         slots = self.allocated_slots

@@ -65,3 +65,14 @@ def test_move_write_and_rows():
     one = [(torch.randn(1, 2, 7, 3), torch.randn(1, 2, 7, 3))]
     cache.write_span(0, 4, one)
     assert torch.equal(k[0, :, 4:7], one[0][0][0, :, 4:7]) and torch.equal(k[0, :, :4], want[0][0][:, :4])
+
+
+def test_pinned_allocates_once_at_full_size():
+    cache = SlotCache(2, 3, 2, 4, 24, pinned=True)
+    cache.fit(5, 1, 0)
+    assert (cache.allocated_slots, cache.capacity) == (3, 24)
+    ptrs = [k.data_ptr() for k, _ in cache.layers]
+    cache.fit(0, 0, 0)
+    cache.fit(24, 3, 20)
+    assert [k.data_ptr() for k, _ in cache.layers] == ptrs  # bound buffers stay valid
+    assert cache.layers[0][0].numpy().shape == (3, 2, 24, 4)
