@@ -20,6 +20,7 @@ def filled(cache: SlotCache, rows: int, used: int) -> list[torch.Tensor]:
 
 def test_fit_grows_and_shrinks_in_chunks_keeping_live_rows():
     cache = SlotCache(2, 6, 3, 5, 40, chunk=8, slot_group=2)
+    cache.shrink_after = 2
     assert cache.capacity == 0 and cache.nbytes == 0
     cache.fit(5, 1, 0)
     assert cache.capacity == 8 and cache.allocated_slots == 2
