@@ -20,6 +20,7 @@ from common.cli import UserError
 
 from .backends import BACKENDS, load_backend
 from .backends.torch_backend import QUANT_MODES
+from .engine import DEFAULT_PREFILL_CHUNK
 from .routes.body_limit import DEFAULT_MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16, help="rows in the running batch")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond the batch; more get 503")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + max_tokens limit (default: context)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                   help="prompt tokens prefilled between two decode steps, bounding how long newcomers stall the "
+                        f"running requests' next token; 0 = all waiting prompts at once (default: "
+                        f"{DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 and /v2 (not on "
                                                    "health probes and /metrics)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain in-flight requests")
@@ -57,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
-                             ("--port", args.port, 0), ("--max-request-bytes", args.max_request_bytes, 1)):
+                             ("--port", args.port, 0), ("--max-request-bytes", args.max_request_bytes, 1),
+                             ("--prefill-chunk", args.prefill_chunk, 0)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     if args.shutdown_timeout < 0:
@@ -88,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
              f"(max batch {args.max_batch_size}, queue {args.max_queue})")
     app = create_app(backend, model_name=name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                      max_model_len=args.max_model_len, api_key=args.api_key, ready_message=ready,
-                     max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout)
+                     max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
+                     prefill_chunk=args.prefill_chunk or None)
     serve_forever(app, sock, args.shutdown_timeout, args.log_level)
     backend.close()
     print("hotpath serve: stopped", flush=True)

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Optional
 from fastapi import FastAPI
 
 from .backends.base import Backend
-from .engine import Engine
+from .engine import DEFAULT_PREFILL_CHUNK, Engine
 from .metrics import Metrics
 from .routes import kserve, openai, ops
 from .routes.auth import APIKeyMiddleware
@@ -32,11 +32,12 @@ from .routes.state import ServerState
 def create_app(backend: Backend, *, model_name: str = "model", max_batch_size: int = 16, max_queue: int = 64,
                max_model_len: Optional[int] = None, api_key: Optional[str] = None,
                ready_message: Optional[str] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               request_timeout: Optional[float] = None) -> FastAPI:
+               request_timeout: Optional[float] = None, prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK
+               ) -> FastAPI:
     metrics = Metrics()
     metrics.set_model(model_name, backend.name)
     engine = Engine(backend, max_batch_size=max_batch_size, max_queue=max_queue, max_model_len=max_model_len,
-                    metrics=metrics)
+                    metrics=metrics, prefill_chunk=prefill_chunk)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -38,6 +38,8 @@ class OnnxRuntimeBackend(BaseBackend):
         self.max_context = cfg.block_size
         self.eos_id = eos_of(self.tokenizer)
         self.device = torch.device("cpu")
+        self.n_layer, self.kv_heads, self.head_dim = cfg.n_layer, self.decoder.kv_heads, self.decoder.head_dim
+        self.kv_dtype = torch.from_numpy(np.empty(0, dtype=self.decoder.dtype)).dtype  # the graph's past dtype
         self.description = f"onnxruntime ({self.decoder.provider}, {self.decoder.dtype.name}, {Path(path).name})"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

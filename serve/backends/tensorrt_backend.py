@@ -63,6 +63,7 @@ class TensorRTBackend(BaseBackend):
         self.n_layer, self.kv_heads, self.head_dim = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
         self.vocab_size, self.max_context = cfg.vocab_size, cfg.block_size
         self.eos_id = eos_of(self.tokenizer)
+        self.kv_dtype = self._dtype
         self.device = self.engine.device
         gpu = meta.get("gpu", {}).get("name", "?")
         self.description = f"tensorrt ({meta.get('precision', '?')}, {gpu}, {path.name})"

@@ -58,6 +58,10 @@ class TorchBackend(BaseBackend):
         self.vocab_size = cfg.vocab_size
         self.max_context = cfg.block_size
         self.eos_id = eos_of(tokenizer)
+        assert cfg.n_kv_head is not None and cfg.head_dim is not None  # GPTConfig.__post_init__ fills them
+        self.n_layer, self.kv_heads, self.head_dim = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
+        # the cache holds what the attention produces: the activations' dtype (int8 modes keep float activations)
+        self.kv_dtype = next(model.parameters()).dtype
         self.description = f"torch ({', '.join(notes)})"
 
     @torch.inference_mode()

@@ -14,6 +14,7 @@ from common.cli import UserError
 from model.generate import generate
 from serve.backends import load_backend
 from serve.backends.base import Backend
+from serve.backends.slot_cache import SlotCache
 from serve.backends.torch_backend import TorchBackend
 from serve.engine import Engine, SamplingParams
 
@@ -24,8 +25,8 @@ PROMPTS = ["def ", "import os\n", "class Foo(object):\n    def", "x", "for i in 
 MAX_TOKENS = [14, 6, 20, 3, 17]
 
 
-def run_engine(backend, tok, max_batch_size=3):
-    engine = Engine(backend, max_batch_size=max_batch_size).start()
+def run_engine(backend, tok, max_batch_size=3, prefill_chunk=128):
+    engine = Engine(backend, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk).start()
     try:
         hs = [engine.submit(tok.encode(p).ids, SamplingParams(max_tokens=m)) for p, m in zip(PROMPTS, MAX_TOKENS)]
         return [h.result(timeout=120) for h in hs]
@@ -37,13 +38,56 @@ def refs(model, tok):
     return [generate(model, tok.encode(p).ids, m) for p, m in zip(PROMPTS, MAX_TOKENS)]
 
 
+def check_slots_against_forward_alone(backend, model, atol):
+    """prefill_slot / decode_slots on a cache with holes (slots of different lengths, right-padded, chunk-rounded
+    columns) give the logits of running each request alone through the model, for a block of slots and a
+    sub-range; one prompt is prefilled in two pieces (the second after an offset)."""
+    prompts = [[5, 9, 2, 7, 1], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [8, 8]]
+    cache = SlotCache(backend.n_layer, 4, backend.kv_heads, backend.head_dim, 64, dtype=backend.kv_dtype,
+                      device=backend.device, chunk=8)
+    cache.fit(16, 3, 0)
+
+    def alone(ids):
+        with torch.no_grad():
+            return model(torch.tensor([ids]))[0, -1].float()
+
+    for s, p in enumerate(prompts):
+        if len(p) > 6:
+            backend.prefill_slot(cache, s, torch.tensor([p[:6]]))
+            got = backend.prefill_slot(cache, s, torch.tensor([p[6:]]), offset=6)
+        else:
+            got = backend.prefill_slot(cache, s, torch.tensor([p]))
+        torch.testing.assert_close(got.cpu(), alone(p), rtol=1e-4, atol=atol)
+    nxt = [11, 12, 13]
+    got = backend.decode_slots(cache, 0, 3, torch.tensor(nxt), torch.tensor([len(p) for p in prompts]))
+    assert got.shape == (3, backend.vocab_size)
+    seqs = [p + [t] for p, t in zip(prompts, nxt)]
+    for row, seq in zip(got.cpu(), seqs):
+        torch.testing.assert_close(row, alone(seq), rtol=1e-4, atol=atol)
+    got = backend.decode_slots(cache, 1, 2, torch.tensor([20, 21]), torch.tensor([len(s) for s in seqs[1:]]))
+    for row, seq, t in zip(got.cpu(), seqs[1:], [20, 21]):
+        torch.testing.assert_close(row, alone(seq + [t]), rtol=1e-4, atol=atol)
+
+
+def test_torch_backend_slots_match_forward_alone(tiny_model):
+    model, tok, _ = tiny_model
+    check_slots_against_forward_alone(TorchBackend(None, model=model, tokenizer=tok), model, atol=1e-4)
+
+
 @pytest.mark.slow
-def test_onnxruntime_backend_matches_generate(tiny_model, tiny_onnx):
+def test_onnxruntime_backend_slots_match_forward_alone(tiny_model, tiny_onnx):
+    model, _, _ = tiny_model
+    check_slots_against_forward_alone(load_backend(tiny_onnx), model, atol=3e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefill_chunk", [128, 4])
+def test_onnxruntime_backend_matches_generate(tiny_model, tiny_onnx, prefill_chunk):
     model, tok, _ = tiny_model
     backend = load_backend(tiny_onnx)
     assert isinstance(backend, Backend) and backend.name == "onnxruntime"
     assert "CPUExecutionProvider" in backend.description
-    assert run_engine(backend, tok) == refs(model, tok)
+    assert run_engine(backend, tok, prefill_chunk=prefill_chunk) == refs(model, tok)
 
 
 @pytest.mark.slow

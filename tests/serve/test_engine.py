@@ -2,9 +2,12 @@
 the batch at different steps; seeded sampling matches too; queue bound, cancel, context limit."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from model.generate import generate
+from serve.backends.slot_cache import SlotCache
 from serve.backends.torch_backend import TorchBackend
 from serve.engine import Engine, QueueFull, SamplingParams
 
@@ -71,3 +74,32 @@ def test_queue_bound_cancel_and_context_limit(tiny_model, backend):
         assert b.result(timeout=60) == [] and b.finish_reason == "cancelled"
     finally:
         engine.stop()
+
+
+class SmallChunks(TorchBackend):
+    """The torch backend with a cache that regrows every 4 columns, so short test prompts cross many chunks."""
+
+    def new_cache(self, slots, max_len):
+        return SlotCache(self.n_layer, slots, self.kv_heads, self.head_dim, max_len, dtype=self.kv_dtype, chunk=4)
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 3])
+def test_slots_regrowing_and_chunked_prefill_match_generate(tiny_model, prefill_chunk):
+    """Requests of different lengths join and leave at different steps (slots move), columns grow and shrink, and
+    prompts are prefilled whole (None) or 3 tokens per iteration (continuing after an offset): same greedy tokens."""
+    model, tok, _ = tiny_model
+    ids = [tok.encode(p).ids for p in PROMPTS]
+    ref = [generate(model, p, m) for p, m in zip(ids, MAX_TOKENS)]
+    engine = Engine(SmallChunks(None, model=model, tokenizer=tok), max_batch_size=3, max_queue=16,
+                    prefill_chunk=prefill_chunk).start()
+    try:
+        handles = [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(ids, MAX_TOKENS)]
+        out = [h.result(timeout=120) for h in handles]
+        deadline = time.monotonic() + 10
+        while engine._cache is not None and engine._cache.nbytes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine._cache is not None and engine._cache.nbytes == 0  # idle: the memory was given back
+    finally:
+        engine.stop()
+    assert out == ref
+    assert engine.max_batch_seen == 3
