@@ -20,12 +20,9 @@ class GenaiEngine:
                                   batch_size=B)
         gen = og.Generator(self.model, params)
         gen.append_tokens(np.asarray(prompts, dtype=np.int32))
-        out = [gen.get_next_tokens()]  # append_tokens ran the prefill and chose the first token
-        while len(out) < new_tokens and not gen.is_done():
+        while not gen.is_done():
             gen.generate_next_token()
-            out.append(gen.get_next_tokens())
-        return np.stack(out, axis=1).tolist()
-
+        return [[int(t) for t in gen.get_sequence(b)[P:]] for b in range(B)]
 
 def load(options: dict, threads: int) -> GenaiEngine:
     return GenaiEngine(options["path"], threads)
