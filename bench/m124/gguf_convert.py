@@ -17,11 +17,16 @@ def main() -> None:
     sys.path[:0] = [str(Path(llama_dir) / "gguf-py"), llama_dir]
     import convert_hf_to_gguf as conv
 
+    def gpt2_pre(self, tokenizer) -> str:
+        return "gpt-2"
+
+    # newer trees keep the model classes in the `conversion` package, older ones in the script itself
+    base = sys.modules.get("conversion.base") or conv
     patched = 0
     for name in ("TextModel", "Model"):
-        cls = getattr(conv, name, None)
+        cls = getattr(base, name, None)
         if cls is not None and hasattr(cls, "get_vocab_base_pre"):
-            cls.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+            cls.get_vocab_base_pre = gpt2_pre
             patched += 1
     if not patched:
         raise SystemExit("convert_hf_to_gguf has no get_vocab_base_pre to answer (the converter changed)")

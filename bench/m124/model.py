@@ -71,6 +71,24 @@ def make_hf_folder(r: Recipe, folder: Path) -> None:
     GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
     # a fast tokenizer transformers can load (AutoTokenizer): the peers' converters read it from the folder
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS).save_pretrained(folder)
+    portable_folder(folder)
+
+
+def portable_folder(folder: Path) -> None:
+    """Make the folder read as OpenAI's GPT-2 folders do, for transformers 4.x (the peers' venv) and 5.x alike:
+    name a tokenizer class both know (5.x writes its own `TokenizersBackend`, which 4.x's AutoTokenizer in
+    CTranslate2's and llama.cpp's converters cannot load), and keep GPT-2's `n_ctx` in config.json (5.x drops it;
+    llama.cpp's GPT-2 converter reads it)."""
+    path = folder / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.get("tokenizer_class") != "PreTrainedTokenizerFast":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        write_json_atomic(path, cfg)
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    if "n_ctx" not in cfg:
+        cfg["n_ctx"] = cfg["n_positions"]
+        write_json_atomic(path, cfg)
 
 
 @dataclass
@@ -105,6 +123,7 @@ class M124:
         stamp = self.folder / "recipe.json"
         wanted = asdict(self.recipe)
         if stamp.exists() and self.checkpoint.exists() and json.loads(stamp.read_text()) == wanted:
+            portable_folder(self.hf)  # folders made before it was written so
             return self.checkpoint
         if self.folder.exists():  # another recipe's files: start over
             import shutil

@@ -127,16 +127,18 @@ class PeerFiles:
                   ":all:", "-d", str(sdist)], self.progress)
             [archive] = sorted(sdist.glob(f"llama_cpp_python-{ver}.tar.gz"))
             with tarfile.open(archive) as tar:
+                # the script, its `conversion` package (newer trees) and gguf-py, the version it was written for
                 keep = [t for t in tar.getmembers() if "/vendor/llama.cpp/" in t.name and (
                     t.name.endswith("/convert_hf_to_gguf.py") and t.name.count("/") == 3
-                    or "/vendor/llama.cpp/gguf-py/" in t.name)]
+                    or "/vendor/llama.cpp/gguf-py/" in t.name or "/vendor/llama.cpp/conversion/" in t.name)]
                 tar.extractall(tmp, members=keep, filter="data")
             [script] = list(tmp.rglob("convert_hf_to_gguf.py"))
-            root = script.parent
-            for child in list(root.iterdir()):
+            top = script.relative_to(tmp).parts[0]
+            for child in list(script.parent.iterdir()):
                 shutil.move(str(child), tmp / child.name)
+            shutil.rmtree(tmp / top)
 
-        return _made(self.work / f"llama.cpp-{ver}", make)
+        return _made(self.work / f"llama.cpp-{ver}-converter", make)
 
     def gguf(self, kind: str) -> str:
         src = self.llama_cpp_source()

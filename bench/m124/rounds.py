@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -27,6 +28,7 @@ class Variant:
 def run_worker(v: Variant, w: Workload, vocab_size: int, timeout: float = 900) -> dict[str, Any]:
     """One fresh process measuring one variant; raises RuntimeError with the worker's last error line."""
     job = {"runner": v.runner, "options": v.options, "workload": w.to_dict(), "vocab_size": vocab_size}
+    t0 = time.perf_counter()
     try:
         proc = subprocess.run([v.python, "-m", "bench.m124.worker"], input=json.dumps(job), capture_output=True,
                               text=True, timeout=timeout)
@@ -35,7 +37,9 @@ def run_worker(v: Variant, w: Workload, vocab_size: int, timeout: float = 900) -
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()] or ["no output"]
         raise RuntimeError(f"worker failed: {lines[-1][:300]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = round(time.perf_counter() - t0, 1)  # the whole process: start, imports, load, measure
+    return result
 
 
 def run_rounds(variants: list[Variant], w: Workload, vocab_size: int, rounds: int,
@@ -54,7 +58,8 @@ def run_rounds(variants: list[Variant], w: Workload, vocab_size: int, rounds: in
                 continue
             results[v.name].append(res)
             progress(f"round {r + 1}/{rounds} {v.name}: decode b1 {_med(res['decode_b1_ms']):.1f} ms/token, "
-                     f"prefill {_med(res['prefill_ms']):.0f} ms, peak {res['peak_rss_mib']:.0f} MiB")
+                     f"prefill {_med(res['prefill_ms']):.0f} ms, peak {res['peak_rss_mib']:.0f} MiB "
+                     f"({res['wall_s']:.0f} s)")
     return results
 
 

@@ -117,6 +117,8 @@ def judge(goal: Goal, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {**out, "met": None, "verdict": "no peer measured: " + (", ".join(goal.peers) or goal.precision)}
     peer_value = _median(ref, goal.metric)
     assert peer_value is not None
+    if value <= 0 or peer_value <= 0:  # below the timer's resolution (a quick run's tiny model)
+        return {**out, "peer": ref["variant"], "peer_value": peer_value, "met": None, "verdict": "not comparable"}
     ratio = peer_value / value if goal.speed else value / peer_value
     met = ratio >= goal.target if (higher or goal.speed) else ratio <= goal.target
     gap = goal.target / ratio if (higher or goal.speed) else ratio / goal.target
