@@ -20,12 +20,15 @@ def pip(*args: str) -> subprocess.CompletedProcess:
 
 def main() -> int:
     peers = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["peers"]
+    print(f"installing hotpath into {sys.prefix}", flush=True)
     base = pip("-e", str(ROOT))
     if base.returncode:
         print(base.stderr[-2000:], file=sys.stderr)
         return 1
     # all together first (pip resolves the pins jointly); package by package only if that fails
     failed: dict[str, str | None] = {}
+    print(f"installing the peers: {' '.join(peers)} (llama-cpp-python compiles llama.cpp unless pip has the "
+          "wheel cached)", flush=True)
     together = pip(*peers)
     for req in peers:
         if together.returncode == 0:
