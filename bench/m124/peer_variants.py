@@ -60,7 +60,8 @@ def _run(argv: list[str], progress: Callable[[str], None], env: Optional[dict] =
     if proc.returncode:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()] or ["no output"]
         raise RuntimeError(f"{Path(argv[0]).name} {' '.join(argv[1:3])} failed: {lines[-1][:300]}")
-    progress(f"ran {Path(argv[0]).name} {' '.join(argv[1:4])}")
+    shown = ["-c ..." if a.startswith("import ") else a for a in argv[1:4]]  # not the inline script's lines
+    progress(f"ran {Path(argv[0]).name} {' '.join(shown)}")
 
 
 def _made(out: Path, make: Callable[[Path], None]) -> Path:
