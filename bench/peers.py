@@ -72,6 +72,25 @@ def update_readme(readme: Path, text: str) -> None:
     write_text_atomic(readme, body)
 
 
+def write_markdown(doc: dict, out: Path, readme: str | None, quick: bool = False) -> str:
+    text = section(doc)
+    write_text_atomic(out / ("PEERS-quick.md" if quick else "PEERS.md"), "# " + text.lstrip("# ") + "\n")
+    if readme:
+        update_readme(Path(readme), text)
+    return text
+
+
+def render(path: Path, out: Path, readme: str | None) -> int:
+    import json
+
+    doc = json.loads(path.read_text())
+    doc["goals"] = judge_all(doc["rows"])
+    write_json_atomic(path, doc)
+    write_markdown(doc, out, readme, quick=path.stem.endswith("-quick"))
+    print(f"rewrote the Markdown from {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m bench.peers", "GPT-2 124M through hotpath and the CPU peers, side by side.")
     p.add_argument("--quick", action="store_true", help="a tiny GPT-2 and tiny steps (a smoke run)")
@@ -81,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", default=None, help="also write the section into this README (between markers)")
     p.add_argument("--only", action="append", default=None, help="measure only this variant (repeatable)")
     p.add_argument("--final", action="store_true", help="not preliminary: measured on a quiet machine")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="measure nothing: rewrite PEERS.md (and --readme) from this results file, goals recomputed")
     args = p.parse_args(argv)
+    if args.render:
+        return render(cli.existing_file(args.render, "results file"), Path(args.out), args.readme)
     w = QUICK if args.quick else FULL
     started = time.perf_counter()
     m = ensure_model(Path(args.workdir), args.quick, lambda s: print(f"  {s}", flush=True))
@@ -103,11 +126,7 @@ def main(argv: list[str] | None = None) -> int:
            "measure_s": round(time.perf_counter() - started - setup_s, 1), "rows": rows, "goals": judge_all(rows),
            "python": sys.executable}
     write_json_atomic(path, doc)
-    text = section(doc)
-    write_text_atomic(out / ("PEERS-quick.md" if args.quick else "PEERS.md"), "# " + text.lstrip("# ") + "\n")
-    if args.readme:
-        update_readme(Path(args.readme), text)
-    print(text)
+    print(write_markdown(doc, out, args.readme, args.quick))
     print(f"wrote {path} and its Markdown in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -123,7 +123,7 @@ def judge(goal: Goal, rows: list[dict[str, Any]]) -> dict[str, Any]:
     met = ratio >= goal.target if (higher or goal.speed) else ratio <= goal.target
     gap = goal.target / ratio if (higher or goal.speed) else ratio / goal.target
     return {**out, "peer": ref["variant"], "peer_value": peer_value, "ratio": ratio, "met": met,
-            "verdict": "met" if met else f"missed: {gap:.2f}x to go"}
+            "verdict": "met" if met else f"missed: {gap:.3f}x to go"}
 
 
 def judge_all(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

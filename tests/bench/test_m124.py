@@ -47,7 +47,7 @@ def test_goals_ratio_against_the_right_peer():
     assert fp32["peer"] == "llama.cpp F32" and fp32["ratio"] == pytest.approx(0.9) and fp32["met"]
     q8 = judge(by["decode b1 8-bit <= 0.9x llama.cpp Q8_0"], ROWS)
     assert q8["ratio"] == pytest.approx(12 / 12.2) and not q8["met"]
-    assert q8["verdict"] == f"missed: {12 / 12.2 / 0.9:.2f}x to go"
+    assert q8["verdict"] == f"missed: {12 / 12.2 / 0.9:.3f}x to go"
     prefill = judge(by["prefill 1x512 fp32 >= 1.1x CTranslate2 float32 speed"], ROWS)  # speed: 880 / 800 = 1.1
     assert prefill["ratio"] == pytest.approx(1.1) and prefill["met"]
     b8 = judge(by["decode b8 int8 >= 1.2x CTranslate2 int8 tokens/s"], ROWS)
