@@ -17,7 +17,7 @@ def main() -> None:
     sys.path[:0] = [str(Path(llama_dir) / "gguf-py"), llama_dir]
     import convert_hf_to_gguf as conv
 
-    def gpt2_pre(self, tokenizer) -> str:
+    def gpt2_pre(self: object, tokenizer: object) -> str:
         return "gpt-2"
 
     # newer trees keep the model classes in the `conversion` package, older ones in the script itself

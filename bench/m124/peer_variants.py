@@ -161,7 +161,7 @@ class PeerFiles:
 
 def peer_variants(m: M124, progress: Callable[[str], None], threads: int) -> list[Variant]:
     f = PeerFiles(m, progress, threads)
-    table = (
+    table: tuple[tuple[str, str, str, Callable[[], str], dict], ...] = (
         ("transformers eager fp32", "transformers_eager", "fp32", f.transformers, {}),
         ("Optimum ONNX + ORT fp32", "transformers_eager", "fp32", f.optimum, {"ort": True}),
         ("onnxruntime-genai fp32", "genai", "fp32", lambda: f.genai(None), {}),

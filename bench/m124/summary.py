@@ -90,7 +90,7 @@ def _best(rows: list[dict[str, Any]], metric: str) -> Optional[dict[str, Any]]:
     if not have:
         return None
     pick = max if metric in HIGHER_IS_BETTER else min
-    return pick(have, key=lambda r: _median(r, metric))
+    return pick(have, key=lambda r: r[metric]["median"])
 
 
 def judge(goal: Goal, rows: list[dict[str, Any]]) -> dict[str, Any]:

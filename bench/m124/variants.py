@@ -45,9 +45,8 @@ def hotpath_variants(m: M124, *, only: tuple[str, ...] = (), python: str = sys.e
     for name, runner, precision, mode in HOTPATH:
         if only and name not in only:
             continue
-        if mode == "":
-            make = lambda: str(m.ensure_checkpoint())  # noqa: E731
-        else:
-            make = lambda mode=mode: str(m.onnx(mode))  # noqa: E731
+        def make(mode: str | None = mode) -> str:
+            return str(m.ensure_checkpoint() if mode == "" else m.onnx(mode))
+
         out.append(prepared(name, runner, precision, make, python))
     return out
