@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # the stamp changes whenever pyproject.toml does, so dependency edits reinstall
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup lint test test-fast bench bench-quick bench-serve kernel-report soak profile clean
+.PHONY: setup lint test test-fast bench bench-quick bench-peers bench-serve kernel-report soak profile clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,24 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m bench --quick
 
+# GPT-2 124M through hotpath and the CPU engines (CTranslate2, onnxruntime-genai, Optimum, llama.cpp, transformers)
+# in their own venv; a peer that fails to install is a row with the reason. llama.cpp is compiled for this CPU.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+PEERS_CMAKE_ARGS ?= -DGGML_NATIVE=ON
+PEERS_ARGS ?= --readme README.md
+
+$(PEERS_STAMP): pyproject.toml
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	CMAKE_ARGS="$(PEERS_CMAKE_ARGS)" $(PEERS_PY) bench/peers_install.py
+	rm -f $(PEERS_VENV)/.installed-*
+	touch $@
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_PY) -m bench.peers $(PEERS_ARGS)
+
 bench-serve: $(STAMP)
 	$(PY) -m bench --suite serve
 
@@ -53,4 +71,4 @@ profile: $(STAMP)
 	$(PY) -m bench.profile
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .benchmarks
+	rm -rf $(VENV) $(PEERS_VENV) runs .pytest_cache .benchmarks

@@ -15,6 +15,13 @@ COLUMNS = {
         ("perplexity change", "Δppl %", False),
         ("top-1 agreement", "top-1 %", True),
     ],
+    "gpt2-124m": [
+        ("decode latency", "decode ms/tok (b1)", False),
+        ("prefill latency", "prefill 1x512 ms", False),
+        ("decode tokens/s", "decode tok/s (b8)", True),
+        ("peak memory", "peak RSS MiB", False),
+        ("file size", "file MiB", False),
+    ],
     "train": [("step time", "ms/step", False), ("train tokens/s", "tokens/s", True)],
     "serve": [
         ("throughput", "tokens/s", True),

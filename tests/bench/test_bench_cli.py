@@ -55,7 +55,11 @@ def test_quick_bench_end_to_end(tmp_path):
         assert core in measured, [s for s in doc["skipped"] if s["variant"] == core]
     ppl = {r["variant"]: r["value"] for r in doc["rows"] if r["metric"] == "perplexity"}
     assert abs(ppl["ort fp32"] / ppl["torch eager fp32"] - 1) < 1e-3  # same model, two runtimes
-    assert {"train", "inference", "serve"} <= {r["suite"] for r in doc["rows"]}
+    assert {"train", "inference", "gpt2-124m", "serve"} <= {r["suite"] for r in doc["rows"]}
+    # the real-size workload's path (made through transformers + model.from_hf, a tiny GPT-2 in the quick run)
+    gpt2 = {(r["variant"], r["metric"]) for r in doc["rows"] if r["suite"] == "gpt2-124m"}
+    assert {("hotpath ORT fp32", "decode latency"), ("hotpath int8-dynamic", "prefill latency"),
+            ("hotpath torch fp32", "peak memory")} <= gpt2, gpt2
     report = (out / "REPORT.md").read_text()
     assert "| variant |" in report and (out / "speed_vs_quality.png").stat().st_size > 1000
     # the report regenerates from the JSON alone
