@@ -16,7 +16,7 @@ left-padded batches) is compacted to right padding and its logits put back where
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from common.cli import UserError
 
 from .base import BaseBackend, KVCache, eos_of
 from .slot_cache import SlotCache
+
+if TYPE_CHECKING:
+    from export.onnx_runtime import KVCache as SharedKV, OnnxDecoder
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -40,9 +43,9 @@ class SharedSlotCache(SlotCache):
     contiguous, so resident memory follows the columns the requests have written, as the growing generic cache's
     does; an idle engine's `fit(0, 0, 0)` frees the buffers (the next request maps fresh ones)."""
 
-    def __init__(self, decoder, slots: int, max_len: int):
+    def __init__(self, decoder: "OnnxDecoder", slots: int, max_len: int):
         self.decoder = decoder
-        self.kv = None  # the decoder's KVCache, made by the first fit
+        self.kv: Optional["SharedKV"] = None  # the decoder's KVCache, made by the first fit
         super().__init__(decoder.num_layers, slots, decoder.kv_heads, decoder.head_dim, max_len,
                          dtype=torch.from_numpy(np.empty(0, dtype=decoder.dtype)).dtype, pinned=True)
 
@@ -59,8 +62,8 @@ class SharedSlotCache(SlotCache):
             empty = torch.zeros(0, self.kv_heads, 0, self.head_dim, dtype=self.dtype)
             self.layers = [(empty, empty) for _ in range(self.n_layer)]
             return
-        self.kv = self.decoder.new_cache(slots, capacity)
-        self.layers = [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(self.kv.keys, self.kv.values)]
+        kv = self.kv = self.decoder.new_cache(slots, capacity)
+        self.layers = [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in zip(kv.keys, kv.values)]
 
 
 class OnnxRuntimeBackend(BaseBackend):
