@@ -50,8 +50,9 @@ class SharedSlotCache(SlotCache):
                          dtype=torch.from_numpy(np.empty(0, dtype=decoder.dtype)).dtype, pinned=True)
 
     def fit(self, columns: int, rows: int, used: int) -> None:
-        if rows == 0 and self.kv is not None:  # idle: give the buffers back
-            self._resize(0, 0, 0, 0)
+        if rows == 0:  # idle: give the buffers back (or keep holding none)
+            if self.kv is not None:
+                self._resize(0, 0, 0, 0)
             return
         super().fit(columns, rows, used)
 

@@ -144,6 +144,8 @@ def test_shared_slot_cache_maps_the_decoders_buffers_and_frees_them_when_idle(ti
     assert cache.kv.keys[0] is k  # never reallocated while requests are live
     cache.fit(0, 0, 0)
     assert cache.kv is None and cache.nbytes == 0
+    cache.fit(0, 0, 0)  # an idle engine iterating again (a KServe call) maps nothing
+    assert cache.kv is None
 
 
 @pytest.mark.slow
