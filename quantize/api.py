@@ -26,10 +26,12 @@ DEFAULT_EVAL_BYTES = 2_000_000  # corpus read for evaluation (the held-out files
 
 
 def export_fp32(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """The fp32 ONNX decoder of a checkpoint, written by export/ (the artifact's owner)."""
+    """The fp32 ONNX decoder of a checkpoint, written by export/ (the artifact's owner) for ONNX Runtime, which runs
+    every ONNX mode's output: the ort target (GroupQueryAttention, a KV cache the server writes in place), as
+    `python -m export.to_onnx` writes by default."""
     from export.to_onnx import export_onnx
 
-    export_onnx(str(ckpt), str(out), validate=False)
+    export_onnx(str(ckpt), str(out), validate=False, target="ort")
     return Path(out)
 
 

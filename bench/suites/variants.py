@@ -71,18 +71,21 @@ def inference_variants(ctx: Context) -> dict[str, Callable[[], Spec]]:
         return str(save_safetensors(work / "model.safetensors", ctx.model, ctx.tokenizer, ctx.meta))
 
     @functools.cache
-    def onnx_fp32() -> Path:
+    def onnx_fp32(target: str = "ort") -> Path:
+        """The checkpoint exported for ONNX Runtime: the ort target (GroupQueryAttention, what `python -m
+        export.to_onnx` writes and the server runs in place), or the generic graph (standard ops) for comparison."""
         from export.to_onnx import export_onnx
 
-        path = work / "model.onnx"
-        export_onnx(ctx.checkpoint, path, validate=False)
+        path = work / ("model.onnx" if target == "ort" else f"model.{target}.onnx")
+        export_onnx(ctx.checkpoint, path, validate=False, target=target)
         return path
 
-    def quantized(mode: str, note: str = "", **opts) -> Callable[[], Spec]:
+    def quantized(mode: str, note: str = "", target: str = "ort", **opts) -> Callable[[], Spec]:
         def prepare() -> Spec:
             from quantize import quantize_onnx
 
-            out = quantize_onnx(onnx_fp32(), mode, out=work / f"model.{mode}.onnx", **opts)
+            stem = "model" if target == "ort" else f"model.{target}"
+            out = quantize_onnx(onnx_fp32(target), mode, out=work / f"{stem}.{mode}.onnx", **opts)
             return Spec("onnxruntime", str(out), note=note)
         return prepare
 
@@ -94,7 +97,7 @@ def inference_variants(ctx: Context) -> dict[str, Callable[[], Spec]]:
             stem = work / f"pruned-{method.replace(':', 'of')}"
             prune_checkpoint(ctx.checkpoint, method=method, sparsity=sparsity, finetune_steps=finetune,
                              out=stem.with_suffix(".pt"))
-            export_onnx(stem.with_suffix(".pt"), stem.with_suffix(".onnx"), validate=False)
+            export_onnx(stem.with_suffix(".pt"), stem.with_suffix(".onnx"), validate=False, target="ort")
             return Spec("onnxruntime", str(stem.with_suffix(".onnx")), note=note)
         return prepare
 
@@ -120,6 +123,8 @@ def inference_variants(ctx: Context) -> dict[str, Callable[[], Spec]]:
         "ort fp32": lambda: Spec("onnxruntime", str(onnx_fp32()), note="graph optimizations: all"),
         "ort fp16": fp16,
         "ort int8 dynamic": quantized("int8-dynamic"),
+        "ort int8 dynamic, generic graph": quantized("int8-dynamic", "standard ONNX ops, concatenated KV cache (the "
+                                                    "TensorRT export's graph)", target="generic"),
         "ort int8 static (Q/DQ)": quantized("int8-static"),
         "ort int4 weight-only": quantized("int4-weight"),
         "ort pruned 2:4": pruned("2:4", 0.5, 0, "no fine-tune; dense CPU kernels: 2:4 pays off on sparse tensor cores"),

@@ -19,8 +19,8 @@ eager torch would copy it whole each step; the chunk rounding costs at most `chu
 
 A backend whose runtime writes the cache itself (ONNX Runtime with a shared past/present buffer, which wants
 (slots, kv_heads, max_len, head_dim) buffers) builds it `pinned=True`: the first `fit` allocates every slot at
-`max_len` columns and no later one reallocates, so the addresses stay put and `k.numpy()` views of `layers`
-(CPU tensors share memory with NumPy) can be bound once.
+`max_len` columns and no later one reallocates while requests run, so `layers` and the runtime's buffers can be one
+memory (`onnxruntime_backend.SharedSlotCache`: torch views of the decoder's lazily mapped NumPy buffers).
 """
 from __future__ import annotations
 

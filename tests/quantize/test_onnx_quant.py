@@ -202,7 +202,9 @@ def test_checkpoint_input_is_exported_first(tiny_ckpt, tmp_path):
     assert r["latency"]["runtime"] == "onnxruntime CPU" and r["latency"]["speedup"] > 0
     import hashlib
 
-    assert read_metadata_props(out)["hotpath.source_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
+    props = read_metadata_props(out)
+    assert props["hotpath.source_sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
+    assert props["hotpath.target"] == "ort"  # exported for ONNX Runtime: the in-place KV cache the server runs
 
 
 def test_list_nodes_names_what_exclude_takes(tiny_onnx, tmp_path, capsys):
