@@ -38,8 +38,8 @@ class SharedSlotCache(SlotCache):
     """A pinned `SlotCache` over an ort-target decoder's `KVCache` (`kv`): `layers` are `torch.from_numpy` views of
     `kv.keys` / `kv.values`, so the engine's `fit` / `move` and the decoder's in-place `step` share one buffer.
 
-    Memory: the buffers are (slots, kv_heads, max_len, head_dim) from `np.zeros`, which the C library maps lazily
-    (calloc of a large block: untouched pages cost address space, not RSS), and a slot's columns of one head are
+    Memory: the buffers are (slots, kv_heads, max_len, head_dim) from `export.onnx_runtime.lazy_zeros` (an anonymous
+    mapping of 4 KiB pages: untouched pages cost address space, not RSS), and a slot's columns of one head are
     contiguous, so resident memory follows the columns the requests have written, as the growing generic cache's
     does; an idle engine's `fit(0, 0, 0)` frees the buffers (the next request maps fresh ones)."""
 

@@ -54,7 +54,8 @@ def test_graph_is_contrib_ops_with_fewer_nodes_per_layer(tiny_ort_onnx, tiny_onn
     # per layer: MatMul x4, GQA, SkipLayerNorm x2, FastGelu, the packed QKV bias Add; the rest is outside the layers
     total_ort, total_generic = sum(ort.values()), sum(generic.values())
     print(f"nodes: ort {total_ort}, generic {total_generic} ({L} layers)")
-    assert total_ort <= 9 * L + 24  # outside the layers: embeddings (tied: a Gather over the stored W^T + Transpose), logits_to_keep, the head
+    # outside the layers: embeddings (tied: a Gather over the stored W^T + Transpose), logits_to_keep, the head
+    assert total_ort <= 9 * L + 24
     assert total_ort < total_generic / 2
 
 
