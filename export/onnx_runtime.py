@@ -189,6 +189,7 @@ class OnnxDecoder:
         import onnxruntime as ort
 
         self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
+        self._binding: Optional[tuple[tuple, Any, Optional[np.ndarray]]] = None  # see _binding_for
 
     def __repr__(self) -> str:
         return (f"OnnxDecoder({str(self.path)!r}, provider={self.provider}, dtype={self.dtype.name}, "
@@ -311,23 +312,42 @@ class OnnxDecoder:
         total = int(lens.max()) + T
         mask = (np.arange(total)[None, :] < (lens + T)[:, None]).astype(np.int64)  # right padding
         pos = lens[:, None] + np.arange(T, dtype=np.int64)[None, :]
-        binding = self.session.io_binding()
+        binding, logits = self._binding_for(cache, start, n)
         for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
             binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(binding)
+        if logits is None:  # an export without logits_to_keep: ORT allocated (n, T, vocab)
+            logits = binding.get_outputs()[0].numpy()
+        return logits[:, -1].astype(np.float32)  # a copy: the bound buffer is rewritten by the next step
+
+    def _binding_for(self, cache: KVCache, start: int, n: int) -> tuple[Any, Optional[np.ndarray]]:
+        """The IO binding of rows [start, start + n) of `cache` (its 2 x layers past/present pointers and a logits
+        buffer), kept from the last step: consecutive decode steps over the same rows rebind only the three small
+        inputs (rebinding all 4 x layers buffers and allocating the logits cost ~0.5 ms a step at GPT-2 124M, ~15%
+        of an int4 decode step). Rebuilt whenever the rows or the buffers' addresses change."""
+        rows_at = [bufs[i][start:start + n].ctypes.data for bufs in (cache.keys, cache.values)
+                   for i in range(self.num_layers)]
+        key = (start, n, cache.max_len, *rows_at)
+        if self._binding is not None and self._binding[0] == key:
+            return self._binding[1], self._binding[2]
+        binding = self.session.io_binding()
         if self.has_logits_to_keep:  # an overridable initializer: bind_cpu_input finds no such input, an OrtValue does
             binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_last)
-        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        logits: Optional[np.ndarray] = None
+        if self.has_logits_to_keep:  # always (n, 1, vocab): bind a buffer of ours instead of one ORT allocates
+            logits = np.empty((n, 1, self.config.vocab_size), dtype=np.float32)
+            binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        else:
+            binding.bind_output("logits", "cpu")
         etype = cache.keys[0].dtype.type
         shape = (n, self.kv_heads, cache.max_len, self.head_dim)
         for i in range(self.num_layers):
             for kv, bufs in (("key", cache.keys), ("value", cache.values)):
-                rows = bufs[i][start:start + n]  # a contiguous block of the C-ordered buffer
-                for bind, name in ((binding.bind_input, f"past_key_values.{i}.{kv}"),
-                                   (binding.bind_output, f"present.{i}.{kv}")):
-                    bind(name, "cpu", 0, etype, shape, rows.ctypes.data)
-        self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()  # (n, 1, vocab); an export without logits_to_keep: (n, T, vocab)
-        return logits[:, -1].astype(np.float32, copy=False)
+                ptr = bufs[i][start:start + n].ctypes.data  # a contiguous block of the C-ordered buffer
+                binding.bind_input(f"past_key_values.{i}.{kv}", "cpu", 0, etype, shape, ptr)
+                binding.bind_output(f"present.{i}.{kv}", "cpu", 0, etype, shape, ptr)
+        self._binding = (key, binding, logits)
+        return binding, logits
 
     # ------------------------------------------------------------------------------------------- generation
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
