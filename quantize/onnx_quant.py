@@ -87,6 +87,9 @@ def _load_onnx(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as e:  # protobuf raises DecodeError and friends for a cut or foreign file
+        if "hard link" in str(e):  # onnx refuses external data with several links (a possible hardlink attack)
+            raise UserError(f"{path}'s external data file has several hard links, which onnx refuses to read "
+                            "(copy it instead of linking it)") from e
         raise UserError(f"{path} is truncated or not an ONNX model ({type(e).__name__}); re-export it") from e
 
 

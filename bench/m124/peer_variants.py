@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -101,9 +100,11 @@ class PeerFiles:
             from export.genai_config import config_path, write_genai_config
 
             tmp.mkdir()
-            os.link(src, tmp / "model.onnx")  # the same file, beside its own genai_config.json
+            # copies, not hard links: onnx refuses to load external data that has several links (a "hardlink
+            # attack"), which broke quantizing the shared model.onnx after this ran
+            shutil.copyfile(src, tmp / "model.onnx")  # the same file, beside its own genai_config.json
             if Path(str(src) + ".data").exists():
-                os.link(str(src) + ".data", tmp / f"{src.name}.data")
+                shutil.copyfile(str(src) + ".data", tmp / f"{src.name}.data")
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(self.m.hf / name, tmp / name)
             if write_genai_config(tmp / "model.onnx") is None:

@@ -85,3 +85,26 @@ def test_two_four_needs_dimensions_divisible_by_4(tiny_model, tmp_path, capsys):
     line = _one_line_error(*_run_main(main, [str(odd), "--method", "2:4", "--no-eval"], capsys))
     assert "not a multiple of 4" in line and "blocks.0.attn.q_proj" in line
     assert not (tmp_path / "odd.pruned-2of4.pt").exists()
+
+
+def test_hard_linked_external_data_is_named(tmp_path):
+    """onnx refuses external data with several hard links; the error says so instead of "truncated"."""
+    import os
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((64, 64), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [weight])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    os.link(tmp_path / "m.onnx.data", tmp_path / "other.data")
+    from common.errors import UserError
+    from quantize.onnx_quant import _load_onnx
+
+    with pytest.raises(UserError, match="hard links"):
+        _load_onnx(path)
