@@ -55,33 +55,33 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
                "tensor(bfloat16)": np.float32}
 
 
-def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Left-pad token lists into (input_ids, attention_mask, position_ids), each (B, max_len) int64.
-
-    Positions count real tokens only (0 for the pads), as :func:`model.gpt.default_position_ids` does."""
+def _pad(prompts: Sequence[Sequence[int]], pad_id: int, right: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), each (B, max_len) int64, with every row's tokens at its end or its start."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     T = max(len(p) for p in prompts)
     ids = np.full((len(prompts), T), pad_id, dtype=np.int64)
     mask = np.zeros((len(prompts), T), dtype=np.int64)
     for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = p
-        mask[b, T - len(p):] = 1
-    return ids, mask, positions_from_mask(mask, T)
+        cols = slice(0, len(p)) if right else slice(T - len(p), T)
+        ids[b, cols] = p
+        mask[b, cols] = 1
+    return ids, mask
+
+
+def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-pad token lists into (input_ids, attention_mask, position_ids), each (B, max_len) int64.
+
+    Positions count real tokens only (0 for the pads), as :func:`model.gpt.default_position_ids` does."""
+    ids, mask = _pad(prompts, pad_id, right=False)
+    return ids, mask, positions_from_mask(mask, ids.shape[1])
 
 
 def pad_right(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-pad token lists into (input_ids, attention_mask, position_ids), each (B, max_len) int64: the layout
     of an ort-target graph's prefill (row b's tokens at [0, len_b); pads get positions past the row's end)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    T = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), T), dtype=np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)] = p
-        mask[b, :len(p)] = 1
-    return ids, mask, np.broadcast_to(np.arange(T, dtype=np.int64), (len(prompts), T)).copy()
+    ids, mask = _pad(prompts, pad_id, right=True)
+    return ids, mask, np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
 
 
 def right_padded_positions(attention_mask: np.ndarray, T: int) -> np.ndarray:
