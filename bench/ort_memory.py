@@ -12,22 +12,19 @@ ms/token (medians). The measured tables in :mod:`export.ort_session` and :mod:`e
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import psutil
 
 from common import cli
+from common.machine import peak_rss_mib
 from export.onnx_meta import LOGITS_TO_KEEP, gpt_config, parse_hotpath_metadata
 from export.ort_session import MemorySettings, open_session
 
-
-def rss_mib() -> float:
-    return psutil.Process().memory_info().rss / 2**20
+from .harness import rss_mib
 
 
 def rss_parts_mib() -> dict[str, float]:
@@ -38,10 +35,6 @@ def rss_parts_mib() -> dict[str, float]:
         if key in ("RssAnon", "RssFile"):
             parts[key.lower()[3:]] = round(int(value.split()[0]) / 1024, 1)
     return parts
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _on_off(text: str) -> bool:

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any, Callable, Protocol
 
+from common.machine import peak_rss_mib
+
 from .workload import Workload, inputs
 
 
@@ -26,15 +28,6 @@ class Engine(Protocol):
         """Greedy: exactly `new_tokens` new ids per prompt (EOS does not stop it); raise NotImplementedError for a
         batch the engine cannot run."""
         ...
-
-
-def peak_rss_mib() -> float:
-    """This process's high-water mark of resident memory (Linux VmHWM), MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _seconds(fn: Callable[[], Any]) -> float:
