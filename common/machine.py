@@ -22,6 +22,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# the vector extensions that decide which kernels ONNX Runtime, torch and the peers pick on x86
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_isa() -> list[str]:
+    """Which of :data:`ISA_FLAGS` this CPU reports (/proc/cpuinfo; empty where that does not exist). The machines
+    differ between sessions: one reported AVX2 alone, another AVX-512 with VNNI, and a number means little without
+    it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
+                return [f for f in ISA_FLAGS if f in flags]
+    return []
+
+
 def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, Optional[str]]:
     """{"python": ..., name: version or None when not installed (or broken)}."""
     out: dict[str, Optional[str]] = {"python": platform.python_version()}
@@ -51,6 +67,7 @@ def machine_info(threads: Optional[int] = None) -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cores": os.cpu_count(),
         "threads": threads if threads is not None else torch.get_num_threads(),
         "torch_threads": torch.get_num_threads(),
@@ -69,3 +86,19 @@ def peak_rss_mib() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def release_free_heap() -> None:
+    """Free what only reference cycles still hold (a `gc.collect()`: onnx_ir's graphs are cyclic and keep the protobuf
+    they wrap alive), then hand the C heap's free pages back to the OS (glibc's `malloc_trim(0)`; nothing elsewhere):
+    glibc keeps what large protobuf parses and ONNX Runtime's passes freed, and the next phase's allocations would
+    come on top of it."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)

