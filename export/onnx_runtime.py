@@ -47,7 +47,7 @@ from model.next_token import NextToken
 from model.prompt import check_prompt, print_stream
 
 from .onnx_meta import LOGITS_TO_KEEP, gpt_config, parse_hotpath_metadata, tokenizer_of
-from .ort_session import open_session
+from .ort_session import DEFAULT_MEMORY, MemorySettings, open_session
 
 Past = list[tuple[np.ndarray, np.ndarray]]
 
@@ -149,13 +149,17 @@ class OnnxDecoder:
     """An ONNX Runtime session over a hotpath export, with its config and tokenizer from the file's metadata.
 
     providers: ONNX Runtime execution providers, best first (default: CUDA when available, else CPU);
-    threads: intra-op threads (default: ONNX Runtime's choice). Graph optimizations: ORT_ENABLE_ALL.
+    threads: intra-op threads (default: ONNX Runtime's choice); memory: how the session allocates (default: the
+    measured best, :class:`export.ort_session.MemorySettings`); profile_prefix: ONNX Runtime's profiler on, its
+    trace written by ``session.end_profiling()`` (:mod:`export.ort_profile`). Graph optimizations: ORT_ENABLE_ALL.
     """
 
     def __init__(self, path: str | os.PathLike, *, providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, memory: MemorySettings = DEFAULT_MEMORY,
+                 profile_prefix: Optional[str] = None):
         self.path = cli.existing_file(path, "ONNX model")
-        self.session = open_session(self.path, providers=providers, threads=threads)
+        self.session = open_session(self.path, providers=providers, threads=threads, memory=memory,
+                                    profile_prefix=profile_prefix)
         self.metadata = parse_hotpath_metadata(self.session.get_modelmeta().custom_metadata_map, str(self.path))
         self.config = gpt_config(self.metadata)
         self.tokenizer = tokenizer_of(self.metadata)

@@ -107,13 +107,17 @@ DEFAULT_MEMORY = MemorySettings()
 
 
 def session_options(threads: Optional[int] = None, *, inter_op_threads: Optional[int] = None,
-                    memory: MemorySettings = DEFAULT_MEMORY) -> Any:
+                    memory: MemorySettings = DEFAULT_MEMORY, profile_prefix: Optional[str] = None) -> Any:
     """ORT_ENABLE_ALL graph optimizations, errors-only logging, `threads` intra-op threads (default: ONNX
-    Runtime's choice, one per core), allocation as `memory` says."""
+    Runtime's choice, one per core), allocation as `memory` says; with `profile_prefix`, ONNX Runtime's profiler
+    on, its trace written to `<profile_prefix>_<date>.json` by `session.end_profiling()`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     memory.apply(options)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
     if threads is not None:
@@ -127,7 +131,7 @@ def session_options(threads: Optional[int] = None, *, inter_op_threads: Optional
 
 def open_session(path: str | os.PathLike, *, providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None, inter_op_threads: Optional[int] = None,
-                 memory: MemorySettings = DEFAULT_MEMORY) -> Any:
+                 memory: MemorySettings = DEFAULT_MEMORY, profile_prefix: Optional[str] = None) -> Any:
     """An `onnxruntime.InferenceSession` over `path`; a file ONNX Runtime cannot load, or whose external data lies
     outside its folder (:mod:`export.onnx_check`), is a one-line UserError."""
     import onnxruntime as ort
@@ -136,7 +140,8 @@ def open_session(path: str | os.PathLike, *, providers: Optional[Sequence[str]] 
 
     check_onnx_file(path)  # before ONNX Runtime reads any weight: a cut file, or external data outside its folder
     chosen = choose_providers(providers)
-    options = session_options(threads, inter_op_threads=inter_op_threads, memory=memory)
+    options = session_options(threads, inter_op_threads=inter_op_threads, memory=memory,
+                              profile_prefix=profile_prefix)
     try:
         return ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as e:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
