@@ -3,11 +3,12 @@
 [--arena-extend same_as_requested|next_power_of_two] [--config KEY=VALUE ...] [--json PATH]`.
 
 One configuration per process (peak RSS is the process's ``ru_maxrss``, so a sweep runs this once per setting):
-open the session with :func:`export.ort_session.open_session` and the memory settings given (the rest as
-:mod:`export.ort_session` chooses), then time a 512-token prefill (last position's logits, as generation asks) and
-batch-1 decode steps after a 128-token prompt, feeding the KV cache as :class:`export.onnx_runtime.OnnxDecoder`
-does. Prints one JSON row: RSS after imports, after the session opened and at the peak (MiB), prefill ms and decode
-ms/token (medians). The measured tables in :mod:`export.ort_session` and :mod:`export.tied_weights` come from it.
+open :class:`export.onnx_runtime.OnnxDecoder` with the memory settings given (the rest as
+:mod:`export.ort_session` chooses), then time a 512-token prefill (the first token of `OnnxDecoder.stream`: last
+position's logits, as generation asks) and batch-1 decode steps after a 128-token prompt, the way generation runs
+them (on an ort export, in place in a shared cache). Prints one JSON row: RSS after imports, after the session opened
+and at the peak (MiB), prefill ms and decode ms/token (medians). The measured tables in :mod:`export.ort_session` and
+:mod:`export.tied_weights` come from it (taken when it still fed a concatenated past, as generic exports run).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import numpy as np
 
 from common import cli
 from common.machine import peak_rss_mib
-from export.onnx_meta import LOGITS_TO_KEEP, gpt_config, parse_hotpath_metadata
-from export.ort_session import MemorySettings, open_session
+from export.onnx_runtime import OnnxDecoder
+from export.ort_session import MemorySettings
 
 from .harness import rss_mib
 
@@ -48,45 +49,27 @@ def measure(path: Path, *, threads: int, memory: MemorySettings, prompt_tokens: 
     row: dict[str, Any] = {"model": path.name, "threads": threads, **memory.describe(),
                            "rss_imports_mib": round(rss_mib(), 1)}
     t0 = time.perf_counter()
-    session = open_session(path, providers=["CPUExecutionProvider"], threads=threads, memory=memory)
+    dec = OnnxDecoder(path, providers=["CPUExecutionProvider"], threads=threads, memory=memory)
     row["open_s"] = round(time.perf_counter() - t0, 2)
     row["rss_session_mib"] = round(rss_mib(), 1)
     row["peak_session_mib"] = round(peak_rss_mib(), 1)
     row.update({f"session_{k}_mib": v for k, v in rss_parts_mib().items()})
-    meta = parse_hotpath_metadata(session.get_modelmeta().custom_metadata_map, str(path))
-    cfg = gpt_config(meta)
-    inputs = {i.name: i for i in session.get_inputs()}
-    kv_type = inputs["past_key_values.0.key"].type
-    dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
-    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(cfg.n_layer) for kv in ("key", "value")]
     rng = np.random.default_rng(0)
 
-    def run(ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        T, past_len = ids.shape[1], past[0].shape[2]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, past_len + T), np.int64),
-                 "position_ids": np.arange(past_len, past_len + T, dtype=np.int64)[None],
-                 LOGITS_TO_KEEP: np.array(1, np.int64)}
-        feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": p for i, p in enumerate(past)})
-        if LOGITS_TO_KEEP not in inputs and LOGITS_TO_KEEP not in {
-                i.name for i in session.get_overridable_initializers()}:
-            del feeds[LOGITS_TO_KEEP]
-        out = session.run(outputs, feeds)
-        return out[0], out[1:]
+    def prompt(n: int) -> list[int]:
+        return rng.integers(0, dec.config.vocab_size, n).tolist()
 
-    assert cfg.n_kv_head is not None and cfg.head_dim is not None
-    empty = [np.zeros((1, cfg.n_kv_head, 0, cfg.head_dim), dtype) for _ in range(2 * cfg.n_layer)]
     prefill = []
     for _ in range(prefill_repeats + 1):  # the first is warm-up
-        ids = rng.integers(0, cfg.vocab_size, (1, prefill_tokens), dtype=np.int64)
         t0 = time.perf_counter()
-        run(ids, empty)
+        next(dec.stream(prompt(prefill_tokens), 1))
         prefill.append(time.perf_counter() - t0)
-    logits, past = run(rng.integers(0, cfg.vocab_size, (1, prompt_tokens), dtype=np.int64), empty)
+    tokens = dec.stream(prompt(prompt_tokens), decode_steps + 3)
+    next(tokens)  # the prompt's prefill
     steps = []
     for _ in range(decode_steps + 2):  # the first two are warm-up
-        token = np.array([[int(logits[0, -1].argmax())]], np.int64)
         t0 = time.perf_counter()
-        logits, past = run(token, past)
+        next(tokens)
         steps.append(time.perf_counter() - t0)
     row.update(prefill_ms=round(1e3 * statistics.median(prefill[1:]), 1),
                decode_ms=round(1e3 * statistics.median(steps[2:]), 2),
@@ -111,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra session config entry, repeatable (e.g. session.use_env_allocators=1)")
     p.add_argument("--decode-steps", type=cli.positive_int, default=32)
+    p.add_argument("--prompt", type=cli.positive_int, default=128, help="prompt tokens before decoding (default 128)")
+    p.add_argument("--prefill", type=cli.positive_int, default=512, help="tokens of the timed prefill (default 512)")
     cli.add_json_arg(p)
     return p
 
@@ -126,7 +111,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     memory = MemorySettings(cpu_mem_arena=args.arena, mem_pattern=args.mem_pattern, prepacking=args.prepack,
                             arena_extend=args.arena_extend, config=tuple(config))
     path = cli.existing_file(args.model, "ONNX model")
-    row = measure(path, threads=args.threads, memory=memory, decode_steps=args.decode_steps)
+    row = measure(path, threads=args.threads, memory=memory, decode_steps=args.decode_steps,
+                  prompt_tokens=args.prompt, prefill_tokens=args.prefill)
     cli.emit(args.json, row, lambda: "  ".join(f"{k}={v}" for k, v in row.items()))
     return 0
 

@@ -2,8 +2,9 @@
 
 Every variant runs behind the serving `Backend` protocol (`serve/backends`), so the numbers are those of the code
 that serves. Metrics per variant: prefill tokens/s (batch 8 x 256), decode ms/token (batch 1) and tokens/s
-(batch 8) with the KV cache, peak memory, model file size, validation perplexity and its change against the
-baseline (PyTorch eager fp32), top-1 agreement with the baseline.
+(batch 8) with the KV cache as the server decodes (a slot per request, `measure_decode`), peak memory, model file
+size, validation perplexity and its change against the baseline (PyTorch eager fp32), top-1 agreement with the
+baseline.
 """
 from __future__ import annotations
 
@@ -63,18 +64,19 @@ def quality(backend, windows: list[tuple[torch.Tensor, torch.Tensor]], batch: in
 
 
 def measure_decode(backend, prompt: torch.Tensor, steps: int, repeats: int) -> Timing:
-    """Greedy decode with the KV cache; times the decode steps only (a fresh prefill before each repeat)."""
+    """Greedy decode the way serve's engine runs it: each row's prompt prefilled into its own slot of one cache, then
+    one step over slots [0, B) at a time (in place on an ort export, on the concatenating `forward` elsewhere); times
+    the decode steps only (fresh prefills before each repeat)."""
     times = []
     B, P = prompt.shape
     for r in range(repeats + 1):  # the first pass is warm-up
-        mask = torch.ones(B, P, dtype=torch.long)
-        logits, past = backend.prefill(prompt, mask)
+        cache = backend.new_cache(B, P + steps)
+        cache.fit(P + steps, B, 0)
+        logits = torch.stack([backend.prefill_slot(cache, b, prompt[b:b + 1]) for b in range(B)])
         t0 = time.perf_counter()
         for s in range(steps):
             token = logits.argmax(-1)
-            mask = torch.ones(B, P + s + 1, dtype=torch.long)
-            pos = torch.full((B,), P + s, dtype=torch.long)
-            logits, past = backend.decode(token, mask, pos, past)
+            logits = backend.decode_slots(cache, 0, B, token, torch.full((B,), P + s, dtype=torch.long))
         if r:
             times.append(time.perf_counter() - t0)
     return Timing.of(times)

@@ -76,3 +76,18 @@ def test_report_rejects_foreign_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.report", str(bad), "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "rows" in r.stderr
+
+
+@pytest.mark.parametrize("target", ["ort", "generic"])
+def test_ort_memory_times_generation_and_reports_memory(target, tiny_onnx, tiny_ort_onnx, capsys):
+    """bench.ort_memory runs OnnxDecoder with the memory settings asked for (here: no arena) and reports RSS parts
+    and medians."""
+    from bench.ort_memory import main as ort_memory
+
+    path = tiny_ort_onnx if target == "ort" else tiny_onnx
+    assert ort_memory([str(path), "--threads", "1", "--arena", "off", "--prompt", "8", "--prefill", "16",
+                       "--decode-steps", "3", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["arena"] is False and row["prefill_ms"] > 0 and row["decode_ms"] > 0
+    assert row["peak_rss_mib"] >= row["rss_session_mib"] >= row["rss_imports_mib"] > 0
+    assert row["session_anon_mib"] > 0 and row["end_file_mib"] > 0
