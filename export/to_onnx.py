@@ -2,7 +2,7 @@
 [--target ort|generic] [--opset N] [--no-kv-cache] [--dtype fp32|fp16] [--no-validate]`.
 
 ``--target ort`` (the CLI's default) writes the graph below with ONNX Runtime's contrib ops (GroupQueryAttention with
-right padding and a cache past and present may share, SkipLayerNormalization, FastGelu: :mod:`export.ort_graph`);
+right padding and a cache past and present may share, FastGelu: :mod:`export.ort_graph`);
 ``--target generic`` (``export_onnx``'s default) writes standard ONNX ops, for TensorRT and other runtimes.
 
 The default graph is a decoder with a KV cache that serves both prefill (empty past) and decode, with the names
@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "bf16 is written for TensorRT but cannot be validated with ONNX Runtime on CPU")
     p.add_argument("--target", choices=TARGETS, default=None,
                    help="ort (default): ONNX Runtime contrib ops (GroupQueryAttention with a cache that past and "
-                   "present may share, SkipLayerNormalization, FastGelu); generic: standard ONNX ops only, for "
+                   "present may share, FastGelu); generic: standard ONNX ops only, for "
                    "TensorRT and other runtimes (the default for --dtype bf16 and --no-kv-cache)")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch validation")
     cli.add_json_arg(p)

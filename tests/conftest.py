@@ -80,7 +80,7 @@ def tiny_onnx(tiny_ckpt, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ort_onnx(tiny_ckpt, tmp_path_factory):
     """The tiny checkpoint's ort-target export (the CLI's default: GroupQueryAttention, a cache shared between past and
-    present, SkipLayerNormalization, FastGelu), made once per session through `python -m export.to_onnx`'s main()
+    present, FastGelu), made once per session through `python -m export.to_onnx`'s main()
     and validated; its report lies beside it as tiny.ort.json."""
     from export.to_onnx import main
 

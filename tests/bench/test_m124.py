@@ -97,3 +97,22 @@ def test_worker_protocol_on_tiny_model(tiny_ckpt, tiny_onnx, tmp_path):
     rows = summarize(variants, runs)
     assert rows[1]["greedy_match"] == f"{w.decode_steps}/{w.decode_steps}"
     assert "not run: " in table_markdown(rows)
+
+
+def test_cached_files_are_made_again_when_older_than_what_makes_them(tmp_path):
+    """As make does: a missing target, or one older than any source, is stale; the code lists are real files."""
+    import os
+
+    from bench.m124.model import code_files, is_stale
+
+    src, out = tmp_path / "src.py", tmp_path / "model.onnx"
+    src.write_text("x")
+    assert is_stale(out, [src])
+    out.write_text("y")
+    os.utime(src, (1000, 1000))
+    os.utime(out, (2000, 2000))
+    assert not is_stale(out, [src])
+    os.utime(src, (3000, 3000))
+    assert is_stale(out, [src])
+    files = code_files("export")
+    assert any(f.name == "to_onnx.py" for f in files) and all(f.suffix == ".py" for f in files)
