@@ -80,7 +80,8 @@ def plot_latency_by_batch(rows, out: Path) -> Path | None:
 
 def machine_line(m: dict) -> str:
     gpu = m.get("gpu") or "no GPU"
-    return (f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('threads')} threads), {gpu}; torch {m.get('torch')}, "
+    isa = f", {'/'.join(m['cpu_isa'])}" if m.get("cpu_isa") else ""
+    return (f"{m.get('cpu')} ({m.get('cores')} cores{isa}, {m.get('threads')} threads), {gpu}; torch {m.get('torch')}, "
             f"onnxruntime {m.get('onnxruntime')}, triton {m.get('triton')}; {m.get('date')}")
 
 

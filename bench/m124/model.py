@@ -4,7 +4,9 @@ As a new user would: random initialisation through transformers' `GPT2LMHeadMode
 `save_pretrained`, a byte-level BPE of GPT-2's vocabulary size trained on the built-in corpus
 (`model.tokenizer.train_tokenizer`), then the project's own command-line tools, each in its own process:
 `python -m model.from_hf`, `python -m export.to_onnx`, `python -m quantize --no-eval`. A second run reuses every
-file whose recipe is unchanged. The quick run makes a tiny model of the same architecture through the same path.
+file whose recipe is unchanged and that is newer than the code that writes it (as make does: an export older than
+a file of `model/` or `export/` is made again, a quantized file older than its source or `quantize/` too). The quick
+run makes a tiny model of the same architecture through the same path.
 """
 from __future__ import annotations
 
@@ -108,14 +110,14 @@ class M124:
         return self.folder / "ckpt.pt"
 
     def onnx(self, mode: Optional[str] = None) -> Path:
-        """model.onnx (fp32), or model.<mode>.onnx quantized from it: made on first use."""
+        """model.onnx (fp32), or model.<mode>.onnx quantized from it: made on first use, and again when stale."""
         fp32 = self.folder / "model.onnx"
-        if not fp32.exists():
+        if is_stale(fp32, [self.ensure_checkpoint(), *code_files("model", "export")]):
             _run(["export.to_onnx", str(self.ensure_checkpoint()), "--out", str(fp32)], self.progress)
         if mode is None:
             return fp32
         out = self.folder / f"model.{mode}.onnx"
-        if not out.exists():
+        if is_stale(out, [fp32, *code_files("quantize")]):
             _run(["quantize", str(fp32), "--mode", mode, "--out", str(out), "--no-eval"], self.progress)
         return out
 
@@ -136,6 +138,20 @@ class M124:
         _run(["model.from_hf", str(self.hf), "--out", str(self.checkpoint)], self.progress)
         write_json_atomic(stamp, wanted)
         return self.checkpoint
+
+
+def code_files(*packages: str) -> list[Path]:
+    """The Python files of these top-level packages of the checkout."""
+    root = Path(__file__).resolve().parents[2]
+    return [f for package in packages for f in (root / package).rglob("*.py")]
+
+
+def is_stale(target: Path, sources: list[Path]) -> bool:
+    """`target` is missing or older than one of `sources` (modification times, as make compares them)."""
+    if not target.exists():
+        return True
+    made = target.stat().st_mtime
+    return any(src.stat().st_mtime > made for src in sources)
 
 
 def ensure_model(workdir: Path, quick: bool, progress: Callable[[str], None] = print) -> M124:

@@ -19,9 +19,9 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
-from .model import M124
+from .model import M124, is_stale
 from .rounds import Variant
 from .variants import prepared
 
@@ -63,12 +63,18 @@ def _run(argv: list[str], progress: Callable[[str], None], env: Optional[dict] =
     progress(f"ran {Path(argv[0]).name} {' '.join(shown)}")
 
 
-def _made(out: Path, make: Callable[[Path], None]) -> Path:
-    """`out` made once: written by `make(tmp)` under a temporary name, then renamed (a second run reuses it)."""
-    if out.exists():
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _made(out: Path, make: Callable[[Path], None], sources: Sequence[Path] = ()) -> Path:
+    """`out` made once: written by `make(tmp)` under a temporary name, then renamed (a second run reuses it unless
+    one of `sources` is newer)."""
+    if not is_stale(out, list(sources)):
         return out
+    _remove(out)
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    _remove(tmp)
     make(tmp)
     tmp.rename(out)
     return out
@@ -114,7 +120,7 @@ class PeerFiles:
             cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = self.threads
             path.write_text(json.dumps(cfg, indent=2) + "\n")
 
-        return str(_made(self.work / f"genai-{mode or 'fp32'}", make))
+        return str(_made(self.work / f"genai-{mode or 'fp32'}", make, sources=[src]))
 
     def llama_cpp_source(self) -> Path:
         """convert_hf_to_gguf.py and gguf-py from the llama-cpp-python sdist of the installed version."""
