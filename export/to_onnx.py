@@ -325,12 +325,12 @@ def save_model(ir_model: ir.Model, path: Path, *, external: Optional[bool] = Non
     try:
         tmp = tmpdir / path.name
         ir.save(ir_model, tmp, external_data=data_path(path).name if external else None)
-        return _move_into_place(tmpdir, path)
+        return move_into_place(tmpdir, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _move_into_place(tmpdir: Path, path: Path, final: Optional[Path] = None) -> list[Path]:
+def move_into_place(tmpdir: Path, path: Path, final: Optional[Path] = None) -> list[Path]:
     """Move tmpdir/<path.name> and its external data to `final` (default `path`), the graph file last. Moving to
     another name (``*.failed.onnx``) renames the data file to match and points the graph at it, so the kept file
     never overwrites the data of a good export beside it."""
@@ -527,7 +527,7 @@ def export_onnx(checkpoint_or_model: str | os.PathLike | GPT, out_path: str | os
                                                                         why=f"{type(e).__name__}: {first}")])
             report.ok = report.validation.passed
         final = out_path if report.ok else failed_path(out_path)
-        report.files = _move_into_place(tmpdir, out_path, final)
+        report.files = move_into_place(tmpdir, out_path, final)
         report.path = final
         if report.ok:  # a failed file gets none: GenAI would run it
             report.genai_config = write_genai_config(final)

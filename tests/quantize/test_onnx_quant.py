@@ -217,3 +217,24 @@ def test_list_nodes_names_what_exclude_takes(tiny_onnx, tmp_path, capsys):
     out = quantize_onnx(tiny_onnx, "int8-static", out=tmp_path / "e.onnx", exclude=head, calib_samples=2,
                         corpus_bytes=400_000)
     assert json.loads(read_metadata_props(out)["hotpath.quantization"])["excluded_nodes"] == head
+
+
+def test_quantizing_again_replaces_the_output_and_its_data_whole(tiny_onnx, tmp_path, monkeypatch):
+    """A second quantization to the same path (make bench's re-made cache) leaves one copy of the weights: onnx
+    appends to an existing external data file, so the output is written in a folder of its own and moved into place;
+    an output small enough to keep its weights inline removes the data file an earlier one left."""
+    import quantize.onnx_quant as Q
+
+    out = tmp_path / "tiny.int8-dynamic.onnx"
+    data = out.with_name(out.name + ".data")
+    monkeypatch.setattr(Q, "EXTERNAL_DATA_BYTES", 0)  # the tiny model's weights as external data, as at 124M
+    quantize_onnx(tiny_onnx, "int8-dynamic", out=out)
+    first = data.stat().st_size
+    quantize_onnx(tiny_onnx, "int8-dynamic", out=out)
+    assert data.stat().st_size == first and oct(data.stat().st_mode & 0o777) == "0o644"
+    assert not list(tmp_path.glob(".tiny*"))  # no temporary folder left
+    R.OrtPrefill(out, threads=1)(np.zeros((1, 4), np.int64))  # graph and data agree
+    monkeypatch.undo()
+    quantize_onnx(tiny_onnx, "int8-dynamic", out=out)
+    assert not data.exists()
+    R.OrtPrefill(out, threads=1)(np.zeros((1, 4), np.int64))
