@@ -11,7 +11,10 @@ from typing import Any, Optional
 
 import psutil
 
+from common.machine import peak_rss_mib
 from common.timing import Timing
+
+__all__ = ["Results", "peak_rss_mib", "reset_peak_rss", "row", "rss_mib"]
 
 
 def rss_mib() -> float:
@@ -25,21 +28,6 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass  # not Linux, or not allowed: the peak then counts from process start
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process since start or the last reset. On CPU the allocators of torch and
-    ONNX Runtime are invisible to tracemalloc, so the process's own high-water mark is the common honest measure."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def row(suite: str, case: str, variant: str, metric: str, value: Optional[float], unit: str, device: str,

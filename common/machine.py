@@ -79,11 +79,18 @@ def machine_info(threads: Optional[int] = None) -> dict[str, Any]:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory since it started, in MiB (2**20 bytes): `getrusage`'s ru_maxrss, which
-    Linux reports in KiB (macOS in bytes)."""
+    """This process's peak resident memory, in MiB (2**20 bytes): Linux's VmHWM (since the process started, or since
+    `bench.harness.reset_peak_rss`), else `getrusage`'s ru_maxrss (KiB on Linux, bytes on macOS). Not ru_maxrss on
+    Linux: it survives exec, so a worker a large parent started reports the parent's size (every 124M worker of
+    `make bench` once read 1079 MiB). On CPU the allocators of torch and ONNX Runtime are invisible to tracemalloc,
+    so the process's own high-water mark is the common honest measure."""
     import resource
     import sys
 
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 

@@ -91,3 +91,17 @@ def test_ort_memory_times_generation_and_reports_memory(target, tiny_onnx, tiny_
     assert row["arena"] is False and row["prefill_ms"] > 0 and row["decode_ms"] > 0
     assert row["peak_rss_mib"] >= row["rss_session_mib"] >= row["rss_imports_mib"] > 0
     assert row["session_anon_mib"] > 0 and row["end_file_mib"] > 0
+
+
+def test_a_workers_peak_rss_is_its_own_not_its_parents():
+    """A worker started by a large process reports its own high-water mark (Linux's ru_maxrss survives exec, so
+    every 124M worker of make bench once read its parent's 1079 MiB)."""
+    from common.machine import peak_rss_mib
+
+    ballast = bytearray(400 * 2**20)  # touched: resident in this process
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    assert peak_rss_mib() > 400
+    r = subprocess.run([sys.executable, "-c", "from common.machine import peak_rss_mib; print(peak_rss_mib())"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    del ballast
+    assert float(r.stdout) < 200, r.stdout
