@@ -25,6 +25,7 @@ from .m124.rounds import run_rounds
 from .m124.summary import goals_markdown, judge_all, summarize, table_markdown
 from .m124.variants import hotpath_variants
 from .m124.workload import FULL, QUICK
+from .report import isa_suffix
 
 HOTPATH_ROWS = ("hotpath torch fp32", "hotpath ORT fp32", "hotpath int8-dynamic", "hotpath int4-weight")
 PEER_DISTS = ("transformers", "torch", "onnxruntime", "ctranslate2", "onnxruntime-genai", "optimum", "optimum-onnx",
@@ -45,14 +46,14 @@ def versions() -> dict[str, str | None]:
 def section(doc: dict) -> str:
     m, w = doc["machine"], doc["workload"]
     vers = ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v)
-    isa = f", {'/'.join(m['cpu_isa'])}" if m.get("cpu_isa") else ""
     status = ("**Preliminary**: measured on a loaded development machine (other jobs sharing its 2 cores, load "
               "average ~5): the wide min-max ranges are that load, and the PyTorch rows (OpenMP threads waiting on "
               "descheduled peers) suffered most. Rerun `make bench-peers` on a quiet machine for the numbers the "
               "goals are judged on.\n\n" if doc.get("preliminary") else "")
     return "\n".join([
         f"### GPT-2 124M: hotpath against the CPU engines ({doc['file']})", "",
-        status + f"Machine: {m.get('cpu')} ({m.get('cores')} cores{isa}), {w['threads']} intra-op threads everywhere; "
+        status + f"Machine: {m.get('cpu')} ({m.get('cores')} cores{isa_suffix(m)}), {w['threads']} intra-op threads "
+        f"everywhere; "
         f"{vers}; {m.get('date')}. Random-initialised GPT-2 124M (transformers `GPT2LMHeadModel`, a 50257-token "
         f"BPE trained here) imported with `python -m model.from_hf`; greedy; {doc['rounds']} interleaved rounds x "
         f"{w['repeats']} repeats, each variant in a fresh process; median (min-max). Decode: {w['prompt_len']}-token "

@@ -78,10 +78,15 @@ def plot_latency_by_batch(rows, out: Path) -> Path | None:
     return path
 
 
+def isa_suffix(m: dict) -> str:
+    """", avx2/fma/..." for a machine record that lists the CPU's vector extensions (common.machine.cpu_isa)."""
+    return f", {'/'.join(m['cpu_isa'])}" if m.get("cpu_isa") else ""
+
+
 def machine_line(m: dict) -> str:
     gpu = m.get("gpu") or "no GPU"
-    isa = f", {'/'.join(m['cpu_isa'])}" if m.get("cpu_isa") else ""
-    return (f"{m.get('cpu')} ({m.get('cores')} cores{isa}, {m.get('threads')} threads), {gpu}; torch {m.get('torch')}, "
+    return (f"{m.get('cpu')} ({m.get('cores')} cores{isa_suffix(m)}, {m.get('threads')} threads), {gpu}; "
+            f"torch {m.get('torch')}, "
             f"onnxruntime {m.get('onnxruntime')}, triton {m.get('triton')}; {m.get('date')}")
 
 

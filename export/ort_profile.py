@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from common import cli
+from common.files import atomic_path
 
 from .onnx_runtime import OnnxDecoder
 
@@ -118,7 +119,11 @@ def split_trace(events: list[dict[str, Any]], labels: list[Optional[str]],
 def profile(path: str | Path, *, prefill: int = 512, decode: int = 32, batch: int = 1, runs: int = 3,
             threads: Optional[int] = None, trace: Optional[Path] = None) -> dict[str, Any]:
     """Profile `runs` rounds (after one warm-up) of a `batch` x `prefill` prefill and `decode` steps after it;
-    returns {model, target, threads, shape, phases: [summary per phase]} (see :meth:`Phase.summary`)."""
+    returns {model, target, threads, batch, prefill, decode, runs, phases: [summary per phase]} (see
+    :meth:`Phase.summary`). `trace`: where to keep ONNX Runtime's trace (written whole, or not at all)."""
+    if trace is not None and Path(trace).is_dir():
+        raise cli.UserError(f"--trace {trace} is a folder: give the trace's file name "
+                            f"(e.g. {Path(trace) / 'trace.json'})")
     with tempfile.TemporaryDirectory(prefix="hotpath-profile.") as tmp:
         dec = OnnxDecoder(path, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
         if prefill + decode > dec.config.block_size:
@@ -132,7 +137,8 @@ def profile(path: str | Path, *, prefill: int = 512, decode: int = 32, batch: in
         trace_file = Path(dec.session.end_profiling())
         events = json.loads(trace_file.read_text())
         if trace is not None:
-            shutil.copyfile(trace_file, trace)
+            with atomic_path(trace) as out:
+                shutil.copyfile(trace_file, out)
     phases = split_trace(events, labels, call_s)
     return {"model": str(path), "target": dec.target, "threads": threads, "batch": batch, "prefill": prefill,
             "decode": decode, "runs": runs, "phases": [p.summary() for p in phases.values()]}

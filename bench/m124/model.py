@@ -112,8 +112,9 @@ class M124:
     def onnx(self, mode: Optional[str] = None) -> Path:
         """model.onnx (fp32), or model.<mode>.onnx quantized from it: made on first use, and again when stale."""
         fp32 = self.folder / "model.onnx"
-        if is_stale(fp32, [self.ensure_checkpoint(), *code_files("model", "export")]):
-            _run(["export.to_onnx", str(self.ensure_checkpoint()), "--out", str(fp32)], self.progress)
+        ckpt = self.ensure_checkpoint()
+        if is_stale(fp32, [ckpt, *code_files("model", "export")]):
+            _run(["export.to_onnx", str(ckpt), "--out", str(fp32)], self.progress)
         if mode is None:
             return fp32
         out = self.folder / f"model.{mode}.onnx"

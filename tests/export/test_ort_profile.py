@@ -64,3 +64,9 @@ def test_cli_json_and_a_too_long_request(tiny_ort_onnx, capsys):
     assert [p["phase"] for p in r["phases"]] == ["prefill", "decode"]
     with pytest.raises(UserError, match="exceed the model context"):
         main([str(tiny_ort_onnx), "--prefill", "100000"])
+
+
+def test_a_folder_as_trace_is_refused_before_profiling(tiny_ort_onnx, tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        main([str(tiny_ort_onnx), "--prefill", "8", "--decode", "1", "--runs", "1", "--trace", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
